@@ -1,0 +1,88 @@
+# shadowtrace: record a guest under QEMU TCG, replay it through a model of
+# Xen's shadow paging.
+#
+#   make demo    set up what is missing, capture the seed scenario, summarise
+#   make test    set up what is missing, run the whole test suite
+#
+# Everything is built under build/ (cached; `make clean` removes it).
+
+# The guest kernel: one variable, every other name follows from it.
+KVER      ?= 6.1.0-56-amd64
+QEMU_SUITE = bookworm-backports
+BUILD     := $(CURDIR)/build
+VENV      := $(CURDIR)/.venv
+PY        := $(VENV)/bin/python
+ST        := $(VENV)/bin/shadowtrace
+SCENARIOS := $(notdir $(patsubst %/steps.sh,%,$(wildcard scenarios/*/steps.sh)))
+
+GUEST     := $(BUILD)/guest
+PLUGIN    := $(BUILD)/plugin/libshadowtrace.so
+QEMU_INC  := $(BUILD)/qemu-include
+GEN       := $(BUILD)/gen
+
+export SHADOWTRACE_BUILD := $(BUILD)
+
+.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin python
+.DELETE_ON_ERROR:
+
+all: setup
+
+setup: system python plugin guest
+
+# -- Debian packages (QEMU 10 from backports, headers, busybox, ...) -------
+system: $(BUILD)/.system-$(KVER)
+$(BUILD)/.system-$(KVER): scripts/setup-system.sh
+	@mkdir -p $(BUILD)
+	bash scripts/setup-system.sh $(KVER)
+	@touch $@
+
+# -- qemu-plugin.h from the Debian source package of the installed QEMU ----
+$(QEMU_INC)/qemu-plugin.h: $(BUILD)/.system-$(KVER)
+	bash scripts/fetch-plugin-header.sh $(QEMU_SUITE) $(BUILD)/src $(QEMU_INC)
+
+# -- the plugin -------------------------------------------------------------
+plugin: $(PLUGIN)
+$(GEN)/trace_format.h: replay/format.py
+	@mkdir -p $(GEN)
+	python3 replay/format.py --emit-c > $@
+$(PLUGIN): plugin/shadowtrace.c $(GEN)/trace_format.h $(QEMU_INC)/qemu-plugin.h
+	@mkdir -p $(dir $@)
+	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ $< -I$(GEN) -I$(QEMU_INC) \
+	    $$(pkg-config --cflags --libs glib-2.0) -lmsgpackc -lzstd -lpthread
+
+# -- the guest: Debian kernel + one busybox initramfs per scenario ----------
+guest: $(GUEST)/vmlinuz $(GUEST)/System.map $(SCENARIOS:%=$(GUEST)/%.cpio.gz)
+$(GUEST)/vmlinuz $(GUEST)/System.map &: $(BUILD)/.system-$(KVER)
+	bash scripts/fetch-kernel.sh $(KVER) $(BUILD)/src $(GUEST)
+$(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/common/*/*) guest/init scripts/build-scenario.sh $(BUILD)/.system-$(KVER)
+	@mkdir -p $(GUEST)
+	bash scripts/build-scenario.sh $* $(KVER) $(BUILD)
+
+# -- Python: a private venv with the package and its dependencies ----------
+python: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# -- what a user runs -------------------------------------------------------
+demo: setup
+	@mkdir -p out
+	$(ST) capture --scenario seed --out out/seed.trace
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: python
+	$(VENV)/bin/ruff check replay qmp_tools tests
+	$(VENV)/bin/mypy
+
+bench-capture: setup
+	$(PY) -m qmp_tools.bench
+
+bench-replay: python
+	$(PY) -m replay.bench
+
+clean:
+	rm -rf $(BUILD) $(VENV) out

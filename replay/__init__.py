@@ -1,0 +1,13 @@
+"""shadowtrace replay: read traces and model Xen's shadow paging over them."""
+
+from .errors import ShadowtraceError, TraceError, TraceFormatError, TraceVersionError
+from .reader import Chunk, TraceReader
+
+__all__ = [
+    "TraceReader",
+    "Chunk",
+    "ShadowtraceError",
+    "TraceError",
+    "TraceFormatError",
+    "TraceVersionError",
+]

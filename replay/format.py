@@ -1,0 +1,188 @@
+"""The shadowtrace trace format: the one definition.
+
+Everything that reads or writes a trace takes its constants from here: the
+Python reader and writer import them, and the C plugin includes a header
+generated from this module (``python -m replay.format --emit-c``), so the two
+sides cannot drift apart. ``docs/trace-format.md`` explains the format for
+people; this module is what programs use.
+
+A trace file is a stream of msgpack maps, each with a key ``"t"``:
+
+* one ``header`` map (magic, version, who recorded what),
+* any number of ``chunk`` maps, each holding up to ``CHUNK_EVENTS`` events
+  in one total order, stored **by column** (one compressed array per field),
+* one ``footer`` map with counts. No footer means the trace is truncated.
+
+Column encoding (all little-endian):
+
+* u8 columns (``kind``, ``vcpu``, ``info``): the raw bytes, zstd-compressed.
+* u64 columns (``va``, ``pa``, ``pc``, ``val``): each value minus the
+  previous one in the same column and chunk (mod 2**64, the first minus 0),
+  zigzag-mapped as a signed 64-bit number, split into 8 byte planes (all
+  lowest bytes first, then all second bytes, ...), then zstd-compressed.
+
+Version history:
+
+* 1: first version.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Final
+
+MAGIC: Final = "SHADOWTRACE"
+VERSION: Final = 1
+
+#: Most events one chunk may hold; writers flush at this many.
+CHUNK_EVENTS: Final = 1 << 16
+#: Bytes of one page-table frame snapshot.
+PAGE_SIZE: Final = 4096
+
+
+class Kind(enum.IntEnum):
+    """Event kinds (the ``kind`` column). Meaning of the other columns per kind.
+
+    ``va``/``pa``/``pc``/``val`` not listed for a kind are 0.
+    """
+
+    #: Data load. va, pa: addresses; pc: instruction; info: size and mode.
+    READ = 1
+    #: Data store. As READ. val: for a store to a tracked table frame, see
+    #: TABLE_WRITE (which follows it); 0 otherwise.
+    WRITE = 2
+    #: Instruction fetch from one page, once per executed block (and once
+    #: more for a block that crosses into a second page). va: the page
+    #: address fetched; pa: its guest-physical address; pc: block start.
+    FETCH = 3
+    #: ``mov cr3``. val: the full value written (PCID, bit 63 no-flush);
+    #: pc: the instruction.
+    CR3_WRITE = 4
+    #: ``invlpg``. va: the address invalidated; pc: the instruction.
+    INVLPG = 5
+    #: ``mov cr4``. val: the new CR4; pa: the CR4 before (0 if unknown).
+    CR4_WRITE = 6
+    #: ``invpcid``. val: the type (0..3); va: the descriptor's linear
+    #: address; pa: the descriptor's PCID; pc: the instruction.
+    INVPCID = 7
+    #: First snapshot of a page-table frame, taken when it became reachable.
+    #: pa: frame address; val: index of its 4 KiB page in the chunk's
+    #: ``pages`` blob. Replaces whatever the replayer knew of that frame.
+    SNAPSHOT = 8
+    #: A store into a tracked table frame, as 8-byte aligned entries read
+    #: back from guest RAM after the store. pa: the entry's address; val: its
+    #: new value; va, pc: as the store. One per 8-byte entry touched.
+    TABLE_WRITE = 9
+    #: Guest marker (magic CPUID). val: index into the chunk's ``markers``
+    #: list ([name, arg, ...]); pc: the CPUID instruction.
+    MARKER = 10
+    #: The capture window opened: what the replayer knew of guest tables is
+    #: stale; snapshots follow. val: the window number (0, 1, ...).
+    WINDOW_OPEN = 11
+    #: The capture window closed. val: the window number.
+    WINDOW_CLOSE = 12
+    #: The CR3 a vCPU holds when the window opens (not a write). val: CR3.
+    CR3_CURRENT = 13
+
+
+#: Kinds that are memory accesses.
+ACCESS_KINDS: Final = (Kind.READ, Kind.WRITE, Kind.FETCH)
+
+# The ``info`` column.
+#: Bits 0-4: access size in bytes (1..16; 0 for non-access events).
+INFO_SIZE_MASK: Final = 0x1F
+#: Bit 5: the access was made at CPL 3 (user mode).
+INFO_USER: Final = 0x20
+#: Bit 6: the access went to MMIO, not RAM (pa is the bus address).
+INFO_IO: Final = 0x40
+
+#: Columns of a chunk, in order, with their element type.
+U8_COLUMNS: Final = ("kind", "vcpu", "info")
+U64_COLUMNS: Final = ("va", "pa", "pc", "val")
+COLUMNS: Final = U8_COLUMNS + U64_COLUMNS
+
+# Marker protocol: the guest executes CPUID with EAX = MARKER_LEAF, RBX = the
+# guest-virtual address of a NUL-terminated ASCII string "NAME ARG ...", RCX
+# = its length (at most MARKER_MAX_LEN). Names "start" and "stop" open and
+# close the capture window (window=markers).
+MARKER_LEAF: Final = 0x53544D4B  # "STMK"
+MARKER_MAX_LEN: Final = 255
+MARKER_START: Final = "start"
+MARKER_STOP: Final = "stop"
+#: Marker naming a loaded module's sections: "module NAME .text ADDR ...".
+MARKER_MODULE: Final = "module"
+
+# Top-level map keys.
+KEY_TYPE: Final = "t"
+TYPE_HEADER: Final = "header"
+TYPE_CHUNK: Final = "chunk"
+TYPE_FOOTER: Final = "footer"
+
+#: Header keys: every header has these.
+HEADER_KEYS: Final = (
+    "magic",  # MAGIC
+    "version",  # VERSION
+    "qemu",  # QEMU version string
+    "options",  # plugin options, {name: value}
+    "kernel",  # guest kernel version
+    "ram_bytes",  # guest RAM size
+    "vcpus",  # number of vCPUs
+    "scenario",  # scenario name
+)
+#: Chunk keys.
+CHUNK_KEYS: Final = ("seq", "n", "cols", "pages", "markers")
+#: Footer keys.
+FOOTER_KEYS: Final = (
+    "chunks",  # chunks written
+    "events",  # events written (sum of chunk n)
+    "by_kind",  # {kind number: events written of that kind}
+    "seen",  # accesses seen by the plugin inside the window
+    "recorded",  # accesses written
+    "deduplicated",  # accesses dropped by dedup
+    "dropped",  # events lost (e.g. output error); a sound trace has 0
+    "tables",  # table frames tracked
+)
+
+
+def emit_c_header() -> str:
+    """Return the C header the plugin is built with (generated, not edited)."""
+    lines = [
+        "/* Generated by `python -m replay.format --emit-c`: do not edit. */",
+        "#ifndef SHADOWTRACE_FORMAT_H",
+        "#define SHADOWTRACE_FORMAT_H",
+        f'#define ST_MAGIC "{MAGIC}"',
+        f"#define ST_VERSION {VERSION}",
+        f"#define ST_CHUNK_EVENTS {CHUNK_EVENTS}",
+        f"#define ST_PAGE_SIZE {PAGE_SIZE}",
+    ]
+    lines += [f"#define ST_KIND_{k.name} {k.value}" for k in Kind]
+    lines += [
+        f"#define ST_INFO_SIZE_MASK 0x{INFO_SIZE_MASK:x}",
+        f"#define ST_INFO_USER 0x{INFO_USER:x}",
+        f"#define ST_INFO_IO 0x{INFO_IO:x}",
+        f"#define ST_MARKER_LEAF 0x{MARKER_LEAF:x}u",
+        f"#define ST_MARKER_MAX_LEN {MARKER_MAX_LEN}",
+        f'#define ST_MARKER_START "{MARKER_START}"',
+        f'#define ST_MARKER_STOP "{MARKER_STOP}"',
+        f"#define ST_N_U8_COLUMNS {len(U8_COLUMNS)}",
+        f"#define ST_N_U64_COLUMNS {len(U64_COLUMNS)}",
+        "static const char *const st_u8_columns[] = {"
+        + ", ".join(f'"{c}"' for c in U8_COLUMNS)
+        + "};",
+        "static const char *const st_u64_columns[] = {"
+        + ", ".join(f'"{c}"' for c in U64_COLUMNS)
+        + "};",
+    ]
+    for key in ("KEY_TYPE", "TYPE_HEADER", "TYPE_CHUNK", "TYPE_FOOTER"):
+        lines.append(f'#define ST_{key} "{globals()[key]}"')
+    lines.append("#endif")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--emit-c"]:
+        sys.stdout.write(emit_c_header())
+    else:
+        sys.stderr.write("usage: python -m replay.format --emit-c\n")
+        sys.exit(2)

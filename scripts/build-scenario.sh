@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build one scenario's initramfs: build/guest/NAME.cpio.gz
+#   scenarios/NAME/steps.sh   commands the guest's init runs (required)
+#   scenarios/NAME/Kbuild     present: build the kernel modules in the folder
+#   scenarios/NAME/user/*.c   static programs, installed as /bin/<name>
+# Usage: build-scenario.sh NAME KERNEL_VERSION BUILD_DIR
+set -euo pipefail
+name=${1:?scenario}; kver=${2:?kernel version}; build=${3:?build dir}
+top=$(cd "$(dirname "$0")/.." && pwd)
+src=$top/scenarios/$name
+[ -f "$src/steps.sh" ] || { echo "build-scenario: no scenario '$name' (missing $src/steps.sh)" >&2; exit 1; }
+work=$build/scenarios/$name
+root=$work/root
+rm -rf "$work" && mkdir -p "$work/src" "$root"/{bin,proc,sys,dev,scenario}
+cp -r "$src"/. "$work/src/"
+cp "$top/scenarios/common/stmark.h" "$work/src/"
+
+if [ -f "$work/src/Kbuild" ]; then
+    make -s -C "/lib/modules/$kver/build" M="$work/src" modules >"$work/kbuild.log" 2>&1 ||
+        { echo "build-scenario: module build of '$name' failed (see $work/kbuild.log)" >&2; exit 1; }
+    cp "$work/src"/*.ko "$root/scenario/"
+fi
+cflags=(-static -O2 -Wall -I"$top/scenarios/common")
+for c in "$top"/scenarios/common/user/*.c "$src"/user/*.c; do
+    [ -f "$c" ] || continue
+    prog=$(basename "$c" .c)
+    gcc "${cflags[@]}" -o "$root/bin/$prog" "$c"
+done
+cp /bin/busybox "$root/bin/busybox"
+cp "$top/guest/init" "$root/init"
+cp "$src/steps.sh" "$root/scenario/steps.sh"
+echo "$name" > "$root/scenario/name"
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible | gzip -9n) > "$build/guest/$name.cpio.gz.tmp"
+mv "$build/guest/$name.cpio.gz.tmp" "$build/guest/$name.cpio.gz"
