@@ -17,7 +17,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from . import columns, format as fmt
+from . import columns
+from . import format as fmt
 from .errors import TraceFormatError, TraceVersionError
 
 #: Largest msgpack object accepted: a full chunk with every event a snapshot
@@ -258,7 +259,9 @@ class TraceReader:
             )
 
 
-def read_all(path: str | Path, *, allow_truncated: bool = False) -> tuple[dict[str, Any], list[Chunk], dict[str, Any] | None]:
+def read_all(
+    path: str | Path, *, allow_truncated: bool = False
+) -> tuple[dict[str, Any], list[Chunk], dict[str, Any] | None]:
     """Read a whole (small) trace: header, chunks, footer. For tests and tools."""
     with TraceReader(path, allow_truncated=allow_truncated) as reader:
         chunks = list(reader)

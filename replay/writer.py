@@ -13,7 +13,8 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from . import columns, format as fmt
+from . import columns
+from . import format as fmt
 
 
 class TraceWriter:

@@ -1,7 +1,8 @@
 /*
  * stmark: emit a shadowtrace marker from the guest's shell.
  *   stmark start | stop | NAME [ARG ...]
- * Joins its arguments with spaces and executes the marker CPUID.
+ * Joins its arguments with spaces, executes the marker CPUID, then prints
+ * "stmark: TEXT" on its standard output (the console).
  */
 #include <stdio.h>
 #include <string.h>
@@ -30,5 +31,8 @@ int main(int argc, char **argv)
 	}
 	text[used] = '\0';
 	stmark_raw(text, used);
+	/* Tell the host side too: it pauses the VM at "stmark: stop". */
+	printf("stmark: %s\n", text);
+	fflush(stdout);
 	return 0;
 }

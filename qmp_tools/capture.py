@@ -1,0 +1,146 @@
+"""Capture a scenario: boot the test guest with the plugin, keep the trace.
+
+The trace is written to ``OUT.partial`` and renamed to ``OUT`` only when the
+guest ran its scenario to the end and the plugin wrote its footer; on any
+failure the partial file stays, named ``.partial`` (and it has no footer, so
+readers call it truncated). Beside the trace: ``NAME.console.log`` (the
+guest's serial console) and ``NAME.truth.json`` (ground truth taken with the
+VM paused at the stop marker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from replay import format as fmt
+from replay.errors import TraceError
+from replay.reader import TraceReader
+
+from .errors import GuestError, SetupError
+from .machine import GuestRun, MachineConfig, Progress, qemu_version
+from .paths import BuildPaths
+
+WINDOWS = ("markers", "all")
+
+
+@dataclass
+class CaptureOptions:
+    scenario: str = "seed"
+    out: Path = Path("traces/seed.trace")
+    dedup: bool = True
+    smp: int = 1
+    window: str = "markers"
+    deterministic: bool = False
+    timeout: float = 600.0
+    ram_mib: int = 512
+
+
+@dataclass
+class CaptureResult:
+    trace: Path
+    console_log: Path
+    truth: Path | None
+    duration: float
+    summary: dict[str, Any]
+
+
+def side_paths(out: Path) -> tuple[Path, Path]:
+    """The console log and ground-truth files kept beside trace ``out``."""
+    stem = out.name[: -len(".trace")] if out.name.endswith(".trace") else out.name
+    return out.with_name(stem + ".console.log"), out.with_name(stem + ".truth.json")
+
+
+def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureResult:
+    """Run one capture; raise CaptureError (SetupError, GuestError) on failure."""
+    if opts.window not in WINDOWS:
+        raise SetupError(f"bad window {opts.window!r}: use one of {', '.join(WINDOWS)}")
+    if not 1 <= opts.smp <= 8:
+        raise SetupError(f"bad --smp {opts.smp}: use 1 to 8 vCPUs")
+    if not 64 <= opts.ram_mib <= 2048:
+        raise SetupError(f"bad RAM size {opts.ram_mib} MiB: use 64 to 2048")
+    paths = BuildPaths.default()
+    paths.require(opts.scenario)
+    out = opts.out
+    partial = out.with_name(out.name + ".partial")
+    console_log, truth_path = side_paths(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb"):
+            pass
+    except OSError as err:
+        raise SetupError(f"cannot write {out}: {err.strerror}") from err
+    plugin_options = {
+        "out": str(partial.resolve()),
+        "window": opts.window,
+        "dedup": "on" if opts.dedup else "off",
+        "scenario": opts.scenario,
+        "kernel": paths.kernel_version() or "unknown",
+        "qemu": qemu_version(),
+        "vcpus": str(opts.smp),
+    }
+    config = MachineConfig(
+        kernel=paths.kernel,
+        initrd=paths.initrd(opts.scenario),
+        ram_mib=opts.ram_mib,
+        smp=opts.smp,
+        deterministic=opts.deterministic,
+        plugin=paths.plugin,
+        plugin_options=plugin_options,
+        timeout=opts.timeout,
+        console_log=console_log,
+    )
+    start = time.monotonic()
+    result = GuestRun(config, progress).run()
+    duration = time.monotonic() - start
+    try:
+        summary = summarise(partial)
+    except TraceError as err:
+        raise GuestError(f"the plugin's trace is unusable: {err}", result.console_tail) from err
+    os.replace(partial, out)
+    if result.truth is not None:
+        truth_path.write_text(json.dumps(result.truth, indent=1) + "\n")
+    summary["duration_s"] = round(duration, 2)
+    return CaptureResult(
+        trace=out,
+        console_log=console_log,
+        truth=truth_path if result.truth is not None else None,
+        duration=duration,
+        summary=summary,
+    )
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    """Counts a user wants after a capture (the whole trace is read)."""
+    by_kind = {k.name: 0 for k in fmt.Kind}
+    with TraceReader(path) as reader:
+        for chunk in reader:
+            counts = _bincount(chunk.kind)
+            for kind in fmt.Kind:
+                by_kind[kind.name] += counts.get(int(kind), 0)
+        footer = reader.footer or {}
+    accesses = sum(by_kind[k.name] for k in fmt.ACCESS_KINDS)
+    size = path.stat().st_size
+    return {
+        "events": sum(by_kind.values()),
+        "by_kind": {k: v for k, v in by_kind.items() if v},
+        "accesses": accesses,
+        "bytes": size,
+        "bytes_per_access": round(size / accesses, 3) if accesses else None,
+        "cr3_writes": by_kind["CR3_WRITE"],
+        "tables_tracked": by_kind["SNAPSHOT"],
+        "seen": footer.get("seen"),
+        "deduplicated": footer.get("deduplicated"),
+        "dropped": footer.get("dropped"),
+    }
+
+
+def _bincount(kind: Any) -> dict[int, int]:
+    import numpy as np
+
+    counts = np.bincount(kind, minlength=256)
+    return {int(i): int(c) for i, c in enumerate(counts) if c}
