@@ -1,0 +1,191 @@
+"""Reader: round trips and tiny broken files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replay import format as fmt
+from replay.errors import TraceError, TraceFormatError, TraceVersionError
+from replay.reader import TraceReader, read_all
+from replay.writer import TraceWriter
+
+KERNEL_VA = 0xFFFF_8880_0000_1000
+
+
+def write_small(path: Path, *, footer: bool = True, events: int = 10) -> None:
+    with TraceWriter(path, scenario="unit") as w:
+        w.snapshot(0x1000, bytes(range(256)) * 16)
+        w.marker("start", "a", "b")
+        for i in range(events):
+            w.access(fmt.Kind.READ, KERNEL_VA + 8 * i, 0x1000 + 8 * i, pc=0xFFFF_FFFF_8100_0000 + i)
+        w.event(fmt.Kind.CR3_WRITE, val=(1 << 63) | 0x5000 | 3)
+        w.close(footer=footer)
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    write_small(path)
+    header, chunks, footer = read_all(path)
+    assert header["scenario"] == "unit"
+    (chunk,) = chunks
+    # 1 snapshot + 1 marker + 10 reads + 1 CR3 write
+    assert chunk.n == 13
+    assert chunk.kind[2:12].tolist() == [fmt.Kind.READ] * 10
+    assert chunk.va[2:12].tolist() == [KERNEL_VA + 8 * i for i in range(10)]
+    # values above 2**63 survive the zigzag/delta coding
+    assert int(chunk.val[12]) == (1 << 63) | 0x5003
+    assert chunk.markers == [["start", "a", "b"]]
+    assert chunk.page(0) == bytes(range(256)) * 16
+    assert footer is not None and footer["events"] == 13
+
+
+def test_u64_extremes_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    values = [0, 2**64 - 1, 1, 2**63, 2**63 - 1, 0]
+    with TraceWriter(path) as w:
+        for v in values:
+            w.event(fmt.Kind.INVLPG, va=v, pc=2**64 - 1 - v)
+    _, (chunk,), _ = read_all(path)
+    assert chunk.va.tolist() == values
+    assert chunk.pc.tolist() == [2**64 - 1 - v for v in values]
+
+
+def test_chunks_split_at_chunk_events(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    with TraceWriter(path) as w:
+        for i in range(fmt.CHUNK_EVENTS + 5):
+            w.access(fmt.Kind.WRITE, i, i)
+    _, chunks, footer = read_all(path)
+    # one full chunk and one of the 5 left over
+    assert [c.n for c in chunks] == [fmt.CHUNK_EVENTS, 5]
+    assert chunks[1].first == fmt.CHUNK_EVENTS
+    assert footer is not None and footer["chunks"] == 2
+
+
+def test_missing_footer_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    write_small(path, footer=False)
+    with pytest.raises(TraceFormatError, match="truncated"):
+        read_all(path)
+    with TraceReader(path, allow_truncated=True) as reader:
+        chunks = list(reader)
+        assert reader.truncated and reader.footer is None
+    assert sum(c.n for c in chunks) == 13  # the valid prefix is all there
+
+
+def test_bad_magic_and_version(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    header = {"t": "header", "magic": "NOPE", "version": 1}
+    path.write_bytes(msgpack.packb(header))
+    with pytest.raises(TraceFormatError, match="bad magic"):
+        read_all(path)
+    header = {"t": "header", "magic": fmt.MAGIC, "version": fmt.VERSION + 1}
+    path.write_bytes(msgpack.packb(header))
+    with pytest.raises(TraceVersionError, match="version"):
+        read_all(path)
+
+
+def test_error_names_path_chunk_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    write_small(path)
+    data = bytearray(path.read_bytes())
+    header_len = len(msgpack.packb(next(msgpack.Unpacker(open(path, "rb"), raw=False))))
+    # flip the chunk's "seq" value (0 -> 5): the first byte after the "seq" key
+    at = data.index(b"\xa3seq", header_len) + 4
+    data[at] = 5
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceFormatError) as err:
+        read_all(path)
+    assert err.value.chunk == 0 and err.value.offset == header_len
+    assert str(path) in str(err.value)
+
+
+def test_footer_counts_must_match(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    with TraceWriter(path) as w:
+        w.access(fmt.Kind.READ, 1, 1)
+        w.events += 1  # the footer will claim one event more than written
+    with pytest.raises(TraceFormatError, match="footer counts"):
+        read_all(path)
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.trace"
+    empty.write_bytes(b"")
+    with pytest.raises(TraceFormatError, match="empty"):
+        read_all(empty)
+    with pytest.raises(TraceFormatError, match="cannot open"):
+        read_all(tmp_path / "absent.trace")
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("fuzz") / "t.trace"
+    write_small(path, events=40)
+    return path.read_bytes()
+
+
+def _read_or_trace_error(path: Path) -> None:
+    try:
+        read_all(path)
+    except TraceError:
+        pass
+
+
+def test_every_truncation_point_is_a_trace_error(small_trace: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "cut.trace"
+    for cut in range(len(small_trace)):
+        path.write_bytes(small_trace[:cut])
+        with pytest.raises(TraceError):
+            read_all(path)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_corruption_never_escapes(small_trace: bytes, tmp_path: Path, data: st.DataObject) -> None:
+    blob = bytearray(small_trace)
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        blob[at] = data.draw(st.integers(0, 255))
+    path = tmp_path / "bad.trace"
+    path.write_bytes(bytes(blob))
+    _read_or_trace_error(path)
+    with TraceReader(path, allow_truncated=True) if _opens(path) else _null() as reader:
+        if reader is not None:
+            try:
+                for _ in reader:
+                    pass
+            except TraceError:
+                pass
+
+
+def _opens(path: Path) -> bool:
+    try:
+        TraceReader(path).close()
+    except TraceError:
+        return False
+    return True
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_numpy_columns_have_the_format_types(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    write_small(path)
+    _, (chunk,), _ = read_all(path)
+    for name in fmt.U8_COLUMNS:
+        assert getattr(chunk, name).dtype == np.uint8
+    for name in fmt.U64_COLUMNS:
+        assert getattr(chunk, name).dtype == np.uint64
