@@ -13,6 +13,7 @@ BUILD     := $(CURDIR)/build
 VENV      := $(CURDIR)/.venv
 PY        := $(VENV)/bin/python
 ST        := $(VENV)/bin/shadowtrace
+# every folder with a steps.sh; "_name" folders are build steps, not scenarios
 SCENARIOS := $(notdir $(patsubst %/steps.sh,%,$(wildcard scenarios/*/steps.sh)))
 
 GUEST     := $(BUILD)/guest
@@ -51,9 +52,12 @@ $(PLUGIN): plugin/shadowtrace.c $(GEN)/trace_format.h $(QEMU_INC)/qemu-plugin.h
 	    $$(pkg-config --cflags --libs glib-2.0) -lmsgpackc -lzstd -lpthread
 
 # -- the guest: Debian kernel + one busybox initramfs per scenario ----------
-guest: $(GUEST)/vmlinuz $(GUEST)/System.map $(SCENARIOS:%=$(GUEST)/%.cpio.gz)
-$(GUEST)/vmlinuz $(GUEST)/System.map &: $(BUILD)/.system-$(KVER)
+guest: $(GUEST)/vmlinuz $(GUEST)/kallsyms $(SCENARIOS:%=$(GUEST)/%.cpio.gz)
+$(GUEST)/vmlinuz: $(BUILD)/.system-$(KVER)
 	bash scripts/fetch-kernel.sh $(KVER) $(BUILD)/src $(GUEST)
+# Debian's System.map is a stub: take the kernel's symbols from a guest boot.
+$(GUEST)/kallsyms: $(GUEST)/vmlinuz $(GUEST)/_symbols.cpio.gz $(VENV)/.installed
+	$(PY) -m qmp_tools.symbols $@
 $(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/common/*/*) guest/init scripts/build-scenario.sh $(BUILD)/.system-$(KVER)
 	@mkdir -p $(GUEST)
 	bash scripts/build-scenario.sh $* $(KVER) $(BUILD)

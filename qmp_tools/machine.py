@@ -71,6 +71,10 @@ class MachineConfig:
     console_log: Path | None = None
     #: Take ground truth when the guest prints ``stmark: stop``.
     ground_truth: bool = True
+    #: A file that receives the guest's second serial port (/dev/ttyS1).
+    second_serial: Path | None = None
+    #: Extra kernel command-line words.
+    append: str = ""
 
 
 @dataclass
@@ -114,6 +118,8 @@ class GuestRun:
         ram = f"{c.ram_mib}M"
         cpu = "max,la57=off" + (DETERMINISTIC_CPU if c.deterministic else "")
         append = BASE_APPEND + (DETERMINISTIC_APPEND if c.deterministic else "")
+        if c.append:
+            append += " " + c.append
         argv = [
             QEMU,
             "-accel", "tcg,thread=single",
@@ -133,6 +139,8 @@ class GuestRun:
             "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
         ]
+        if c.second_serial is not None:
+            argv += ["-serial", f"file:{c.second_serial}"]
         if c.deterministic:
             argv += DETERMINISTIC_ARGS
         if c.plugin is not None:

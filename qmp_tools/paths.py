@@ -32,8 +32,9 @@ class BuildPaths:
         return self.guest / "vmlinuz"
 
     @property
-    def system_map(self) -> Path:
-        return self.guest / "System.map"
+    def kallsyms(self) -> Path:
+        """Kernel text symbols at link addresses (``make guest`` takes them)."""
+        return self.guest / "kallsyms"
 
     @property
     def plugin(self) -> Path:
@@ -69,5 +70,9 @@ class BuildPaths:
 
 
 def available_scenarios() -> list[str]:
-    """Names of the scenario folders (those with a steps.sh)."""
-    return sorted(p.parent.name for p in (TOP / "scenarios").glob("*/steps.sh"))
+    """Names of the scenario folders (those with a steps.sh; "_" ones are build steps)."""
+    return sorted(
+        p.parent.name
+        for p in (TOP / "scenarios").glob("*/steps.sh")
+        if not p.parent.name.startswith("_")
+    )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Unpack the Debian kernel image package (no install into /boot): vmlinuz
-# and System.map for the test guest.
+# for the test guest (its System.map is a stub: see qmp_tools/symbols.py).
 # Usage: fetch-kernel.sh KERNEL_VERSION SRC_DIR GUEST_DIR
 set -euo pipefail
 kver=${1:?kernel version}; src=${2:?src dir}; guest=${3:?guest dir}
@@ -15,5 +15,4 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 dpkg-deb -x "$deb" "$tmp"
 install -m 644 "$tmp/boot/vmlinuz-$kver" "$guest/vmlinuz"
-install -m 644 "$tmp/boot/System.map-$kver" "$guest/System.map"
 echo "$kver" > "$guest/kernel-version"
