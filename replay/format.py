@@ -110,8 +110,19 @@ MARKER_LEAF: Final = 0x53544D4B  # "STMK"
 MARKER_MAX_LEN: Final = 255
 MARKER_START: Final = "start"
 MARKER_STOP: Final = "stop"
-#: Marker naming a loaded module's sections: "module NAME .text ADDR ...".
+#: Marker naming one loaded module section: "module NAME SECTION ADDR".
 MARKER_MODULE: Final = "module"
+#: Marker giving the kernel's text base: "kernel _text ADDR" (KASLR slide).
+MARKER_KERNEL: Final = "kernel"
+# Secure registration by the guest's own code (hex numbers, 0x optional):
+#: "secure-frame PA [NPAGES]": frames from here on are secure.
+MARKER_SECURE_FRAME: Final = "secure-frame"
+#: "secure-root CR3": this root (PCID bits ignored) is a secure address space.
+MARKER_SECURE_ROOT: Final = "secure-root"
+#: "secure-va VA [NPAGES]": the frames behind VA (walked at this marker) are secure.
+MARKER_SECURE_VA: Final = "secure-va"
+#: "secure-end": registrations made so far end here (the pages are freed).
+MARKER_SECURE_END: Final = "secure-end"
 
 # Top-level map keys.
 KEY_TYPE: Final = "t"

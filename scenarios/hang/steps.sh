@@ -1,0 +1,3 @@
+# hang: never finish (tests the capture timeout).
+stmark start
+while :; do sleep 1; done
