@@ -23,7 +23,7 @@ from replay.reader import TraceReader
 
 from .errors import GuestError, SetupError
 from .machine import GuestRun, MachineConfig, Progress, qemu_version
-from .paths import BuildPaths
+from .paths import BuildPaths, scenario_append
 
 WINDOWS = ("markers", "all")
 
@@ -93,6 +93,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         plugin_options=plugin_options,
         timeout=opts.timeout,
         console_log=console_log,
+        append=scenario_append(opts.scenario),
     )
     start = time.monotonic()
     result = GuestRun(config, progress).run()

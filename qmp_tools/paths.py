@@ -69,6 +69,12 @@ class BuildPaths:
                 raise SetupError(f"missing set-up: {what} ({path}) not built; run 'make setup'")
 
 
+def scenario_append(scenario: str) -> str:
+    """Extra kernel command-line words a scenario asks for (its ``append`` file)."""
+    path = TOP / "scenarios" / scenario / "append"
+    return " ".join(path.read_text().split()) if path.is_file() else ""
+
+
 def available_scenarios() -> list[str]:
     """Names of the scenario folders (those with a steps.sh; "_" ones are build steps)."""
     return sorted(
