@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except ShadowtraceError as err:
         print(f"bench-capture: {err}", file=sys.stderr)
         return 1
-    print(f"{'configuration':36} {'wall s':>8} {'ratio':>6} {'accesses':>13} {'bytes':>13} {'B/access':>8}")
+    print(
+        f"{'configuration':36} {'wall s':>8} {'ratio':>6} {'accesses':>13}"
+        f" {'bytes':>13} {'B/access':>8}"
+    )
     for name, seconds, ratio, s in rows:
         acc = f"{s['accesses']:,}" if s else "-"
         size = f"{s['bytes']:,}" if s else "-"

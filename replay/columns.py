@@ -57,6 +57,11 @@ def _decompress(blob: bytes, size: int) -> bytes:
     if not isinstance(blob, (bytes, bytearray)):
         raise ValueError(f"column is {type(blob).__name__}, not bytes")
     try:
+        # Check the frame's declared size first: a corrupt one must not make
+        # the decompressor allocate gigabytes.
+        declared = zstandard.frame_content_size(blob)
+        if declared not in (size, -1):
+            raise ValueError(f"column declares {declared} bytes, expected {size}")
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max(size, 1))
     except zstandard.ZstdError as err:
         raise ValueError(f"bad zstd data: {err}") from err

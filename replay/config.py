@@ -1,0 +1,184 @@
+"""Configuration of the shadow engine: Xen's optimisation knobs and sizes.
+
+Knob names follow Xen (``xen/arch/x86/mm/shadow/private.h``): each
+``SHOPT_*`` bit is one boolean, and the defaults are upstream's
+``SHADOW_OPTIMIZATIONS 0x1ff`` (every bit on). A config is read from a dict,
+a JSON file or a TOML file with the same keys (lower case, no prefix)::
+
+    writable_heuristic = true       # SHOPT_WRITABLE_HEURISTIC 0x01
+    out_of_sync = false             # SHOPT_OUT_OF_SYNC        0x100
+    vcpus = 2
+    ram_mib = 512
+    pool_pages = 2048               # omit for libxl's default
+    cr3_targets = ["0x1234000"]     # roots whose CR3 writes do not exit
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import UsageError
+
+#: SHOPT_* bit values, as in Xen's private.h.
+SHOPT_BITS: Final[dict[str, int]] = {
+    "writable_heuristic": 0x01,
+    "early_unshadow": 0x02,
+    "fast_fault_path": 0x04,
+    "prefetch": 0x08,
+    "linux_l3_toplevel": 0x10,
+    "skip_verify": 0x20,
+    "virtual_tlb": 0x40,
+    "fast_emulation": 0x80,
+    "out_of_sync": 0x100,
+}
+#: Upstream default: every optimisation on.
+SHADOW_OPTIMIZATIONS: Final = 0x1FF
+#: Xen's PREFETCH_DISTANCE (multi.c).
+PREFETCH_DISTANCE: Final = 32
+#: Xen's SHADOW_OOS_PAGES: out-of-sync slots per vCPU.
+SHADOW_OOS_PAGES: Final = 3
+#: Xen's VTLB_ENTRIES.
+VTLB_ENTRIES: Final = 13
+#: The most CR3-target values VMX hardware offers (we model 4).
+CR3_TARGET_MAX: Final = 4
+#: Smallest pool Xen accepts (pages), see shadow_set_allocation callers.
+MIN_POOL_PAGES: Final = 1024
+
+
+def default_pool_pages(vcpus: int, ram_mib: int) -> int:
+    """libxl's HVM shadow default: 4 * (256 * vCPUs + 2 * RAM_MiB) KiB,
+    in 4 KiB pages, at least :data:`MIN_POOL_PAGES`."""
+    kib = 4 * (256 * vcpus + 2 * ram_mib)
+    return max(MIN_POOL_PAGES, kib // 4)
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine's behaviour depends on besides the trace."""
+
+    writable_heuristic: bool = True
+    early_unshadow: bool = True
+    fast_fault_path: bool = True
+    prefetch: bool = True
+    linux_l3_toplevel: bool = True
+    skip_verify: bool = True
+    virtual_tlb: bool = True
+    fast_emulation: bool = True
+    out_of_sync: bool = True
+    vcpus: int = 1
+    ram_mib: int = 512
+    #: Pool size in pages; None means libxl's default for vcpus and ram_mib.
+    pool_pages: int | None = None
+    prefetch_distance: int = PREFETCH_DISTANCE
+    #: CR3 values (PCID bits ignored) whose writes are not intercepted.
+    cr3_targets: list[int] = field(default_factory=list)
+    #: Keep the structured fact log (turn off for speed when unused).
+    record_facts: bool = True
+
+    # -- derived ---------------------------------------------------------
+    @property
+    def pool(self) -> int:
+        if self.pool_pages is not None:
+            return self.pool_pages
+        return default_pool_pages(self.vcpus, self.ram_mib)
+
+    @property
+    def opt_flags(self) -> int:
+        """The SHOPT_* bit mask this config amounts to."""
+        return sum(bit for name, bit in SHOPT_BITS.items() if getattr(self, name))
+
+    @property
+    def ram_frames(self) -> int:
+        return self.ram_mib << 8
+
+    def target_roots(self) -> frozenset[int]:
+        """Root frame numbers of the CR3-target list."""
+        return frozenset((v & 0x000F_FFFF_FFFF_F000) >> 12 for v in self.cr3_targets)
+
+    def validate(self) -> None:
+        """Raise UsageError for values that make no sense (the hardware
+        limit on CR3 targets is *not* an error here: the engine reports it)."""
+        if self.vcpus < 1:
+            raise UsageError(f"vcpus must be at least 1, not {self.vcpus}")
+        if self.ram_mib < 1:
+            raise UsageError(f"ram_mib must be at least 1, not {self.ram_mib}")
+        if self.pool_pages is not None and self.pool_pages < 1:
+            raise UsageError(f"pool_pages must be positive, not {self.pool_pages}")
+        if not 1 <= self.prefetch_distance <= 512:
+            raise UsageError(f"prefetch_distance must be 1..512, not {self.prefetch_distance}")
+
+    # -- construction ----------------------------------------------------
+    @classmethod
+    def from_opt_flags(cls, flags: int, **kw: Any) -> EngineConfig:
+        """A config from a SHOPT_* mask (e.g. 0x1ff) plus other fields."""
+        knobs = {name: bool(flags & bit) for name, bit in SHOPT_BITS.items()}
+        return cls.from_dict({**knobs, **kw})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        """Build from a mapping; unknown keys and bad types are UsageErrors.
+
+        Numbers may be given as ints or strings ("0x..."); an
+        ``opt_flags`` key sets every knob from a mask first.
+        """
+        data = dict(data)
+        known = {f.name: f for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        if "opt_flags" in data:
+            flags = _int(data.pop("opt_flags"), "opt_flags")
+            kw.update({name: bool(flags & bit) for name, bit in SHOPT_BITS.items()})
+        for key, value in data.items():
+            name = key.lower().removeprefix("shopt_")
+            if name not in known:
+                raise UsageError(f"unknown engine option {key!r}")
+            if name in SHOPT_BITS or name == "record_facts":
+                if not isinstance(value, bool):
+                    raise UsageError(f"option {key!r} must be true or false")
+                kw[name] = value
+            elif name == "cr3_targets":
+                if not isinstance(value, list):
+                    raise UsageError("cr3_targets must be a list")
+                kw[name] = [_int(v, "cr3_targets") for v in value]
+            elif name == "pool_pages" and value is None:
+                kw[name] = None
+            else:
+                kw[name] = _int(value, key)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> EngineConfig:
+        """Read a ``.toml`` or ``.json`` file."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as err:
+            raise UsageError(f"{p}: cannot read: {err.strerror}") from err
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            raise UsageError(f"{p}: {err}") from err
+        if not isinstance(data, dict):
+            raise UsageError(f"{p}: not a table of options")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise UsageError(f"option {key!r} must be a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            pass
+    raise UsageError(f"option {key!r} must be a number, not {value!r}")
