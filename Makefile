@@ -58,7 +58,7 @@ $(GUEST)/vmlinuz: $(BUILD)/.system-$(KVER)
 # Debian's System.map is a stub: take the kernel's symbols from a guest boot.
 $(GUEST)/kallsyms: $(GUEST)/vmlinuz $(GUEST)/_symbols.cpio.gz $(VENV)/.installed
 	$(PY) -m qmp_tools.symbols $@
-$(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/common/*/*) guest/init scripts/build-scenario.sh $(BUILD)/.system-$(KVER)
+$(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/*/user/*) guest/init scripts/build-scenario.sh $(BUILD)/.system-$(KVER)
 	@mkdir -p $(GUEST)
 	bash scripts/build-scenario.sh $* $(KVER) $(BUILD)
 
