@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import ShadowtraceError
 
@@ -42,7 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("trace", type=Path)
     info.add_argument("--allow-truncated", action="store_true")
     info.set_defaults(func=_info)
+
+    rep = sub.add_parser("replay", help="replay a trace through the shadow engine")
+    rep.add_argument("trace", type=Path)
+    rep.add_argument("--config", type=Path, help="engine config (TOML or JSON)")
+    rep.add_argument("--watch", action="append", default=[], metavar="VA",
+                     help="follow the shadow path of this VA (hex; repeatable)")
+    rep.add_argument("--watch-console", nargs="?", const=DEFAULT_CONSOLE_REGEX,
+                     metavar="REGEX",
+                     help="watch the hex VA in group 1 of REGEX on the console log beside "
+                     f"the trace (default {DEFAULT_CONSOLE_REGEX!r})")
+    rep.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    rep.add_argument("--parquet", type=Path, metavar="DIR",
+                     help="write events.parquet and shadows.parquet into DIR")
+    rep.add_argument("--allow-truncated", action="store_true",
+                     help="replay the valid prefix of a trace without footer")
+    rep.add_argument("--no-dedup", action="store_true",
+                     help="feed every access to the engine (no canonical dedup)")
+    rep.add_argument("--secure", action="append", default=[], metavar="SPEC",
+                     help="register secure memory for the checks (repeatable)")
+    rep.add_argument("--policy", action="store_true",
+                     help="checks in policy mode (refuse secure mappings outside secure roots)")
+    rep.set_defaults(func=_replay)
     return parser
+
+
+#: --watch-console's default: the seed module's printk.
+DEFAULT_CONSOLE_REGEX = r"The address allocated is ([0-9a-f]+)"
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -82,6 +108,181 @@ def _info(args: argparse.Namespace) -> int:
     summary = summarise(args.trace) if not truncated else {}
     print_json({"header": header, "footer": footer, "truncated": truncated, "summary": summary})
     return 0
+
+
+def _parse_va(text: str) -> int:
+    from .errors import UsageError
+
+    try:
+        va = int(text, 16)
+    except ValueError:
+        raise UsageError(f"--watch {text!r}: not a hex address") from None
+    if not 0 <= va < 1 << 64:
+        raise UsageError(f"--watch {text!r}: not a 64-bit address")
+    return va
+
+
+def _console_vas(trace: Path, regex: str) -> list[int]:
+    """Group 1 of every match of ``regex`` in the trace's console log."""
+    import re
+
+    from .errors import UsageError
+
+    log = trace.with_suffix(".console.log") if trace.suffix == ".trace" else Path(
+        str(trace) + ".console.log")
+    try:
+        pattern = re.compile(regex)
+    except re.error as err:
+        raise UsageError(f"--watch-console {regex!r}: {err}") from None
+    if pattern.groups < 1:
+        raise UsageError(f"--watch-console {regex!r}: the regex has no group")
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as err:
+        raise UsageError(f"{log}: cannot read the console log: {err.strerror}") from None
+    vas: list[int] = []
+    for m in pattern.finditer(text):
+        try:
+            va = int(m.group(1), 16)
+        except (TypeError, ValueError):
+            raise UsageError(f"{log}: {m.group(0)!r}: group 1 is not a hex VA") from None
+        if va not in vas:
+            vas.append(va)
+    if not vas:
+        raise UsageError(f"{log}: no line matches {regex!r}")
+    return vas
+
+
+def _engine_config(path: Path | None, header: dict[str, Any]) -> Any:
+    """The config file's options over the trace header's vCPUs and RAM."""
+    import json
+    import tomllib
+
+    from .config import EngineConfig
+    from .errors import UsageError
+
+    base: dict[str, Any] = {
+        "vcpus": max(1, int(header.get("vcpus") or 1)),
+        "ram_mib": max(1, int(header.get("ram_bytes") or (512 << 20)) >> 20),
+    }
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise UsageError(f"{path}: cannot read: {err.strerror}") from err
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            raise UsageError(f"{path}: {err}") from err
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: not a table of options")
+        base.update(data)
+    cfg = EngineConfig.from_dict(base)
+    # the fact log would grow with the trace: consumers take facts as they come
+    cfg.record_facts = False
+    return cfg
+
+
+def _make_checker(args: argparse.Namespace, engine: Any) -> Any:
+    """The secure-page checks (replay.checks), when that module exists.
+
+    Returns None when it does not; --secure / --policy then are errors.
+    """
+    from .errors import UsageError
+
+    try:
+        from . import checks  # type: ignore[attr-defined]
+    except ImportError:
+        checks = None
+    if checks is None or not hasattr(checks, "Checker"):
+        if args.secure or args.policy:
+            raise UsageError("--secure/--policy: the secure-page checks are not available")
+        return None
+    return checks.Checker(engine, secure=list(args.secure), policy=args.policy)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import time
+
+    from . import results
+    from .engine import ShadowEngine
+    from .reader import TraceReader
+    from .replayer import Replayer
+    from .report import print_replay_summary, replay_progress
+    from .timeline import FactHub, ShadowLifetimes, Timeline, drive
+
+    watch = [_parse_va(v) for v in args.watch]
+    if args.watch_console is not None:
+        watch += [va for va in _console_vas(args.trace, args.watch_console) if va not in watch]
+    start = time.monotonic()
+    with TraceReader(args.trace, allow_truncated=args.allow_truncated) as reader:
+        header = reader.header
+        cfg = _engine_config(args.config, header)
+        hub = FactHub()
+        engine = ShadowEngine(cfg, on_fact=hub)
+        timeline = Timeline(engine, watch)
+        lifetimes = ShadowLifetimes()
+        hub.add(lifetimes)
+        observers: list[Any] = []
+        if watch:
+            hub.add(timeline)
+            observers.append(timeline)
+        events = None
+        if args.parquet is not None:
+            events = results.EventTable(watched=timeline.watched_pages)
+            hub.add(events)
+            observers.append(events)
+        checker = _make_checker(args, engine)
+        if checker is not None:
+            hub.add(checker)
+            if hasattr(checker, "before_chunk") or hasattr(checker, "after_chunk"):
+                observers.append(checker)
+        replayer = Replayer(engine, dedup=not args.no_dedup)
+        with replay_progress(args.trace) as progress:
+            stats = drive(replayer, reader, observers,
+                          on_chunk=lambda c: progress(reader, c))
+        footer, truncated = reader.footer, reader.truncated
+    # ---- findings: the secure-page checks (replay.checks) report here ----
+    findings = None
+    if checker is not None:
+        done = getattr(checker, "finish", None)
+        found = done() if callable(done) else None
+        findings = list(found if found is not None else getattr(checker, "findings", []))
+    duration = time.monotonic() - start
+    namer = _namer(header, stats.markers) if watch or events or findings else None
+    doc = results.build(
+        trace=args.trace, header=header, footer=footer, truncated=truncated, config=cfg,
+        engine=engine, stats=stats, dedup=not args.no_dedup, duration=duration,
+        timeline=timeline if watch else None, findings=findings, namer=namer,
+    )
+    if args.json is not None:
+        results.write_json(args.json, doc)
+    if args.parquet is not None:
+        results.write_parquet(args.parquet, events, lifetimes, namer)
+    print_replay_summary(doc)
+    return 0
+
+
+def _namer(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:
+    """PC -> ``symbol+0xoff [module]`` from the guest build's symbols."""
+    from qmp_tools.paths import BuildPaths
+
+    from .symbols import from_markers
+
+    paths = BuildPaths.default()
+    scenario = str(header.get("scenario") or "")
+    dirs = [paths.module_dir(scenario)] if scenario else []
+    syms = from_markers([m for _, _, m in markers], system_map=paths.kallsyms,
+                        module_dirs=dirs)
+    cache: dict[int, str] = {}
+
+    def name(pc: int) -> str:
+        got = cache.get(pc)
+        if got is None:
+            got = cache[pc] = syms.name(pc)
+        return got
+
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

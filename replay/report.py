@@ -63,3 +63,168 @@ def print_capture_summary(result: CaptureResult) -> None:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=1, default=str, sort_keys=False))
+
+
+# --------------------------------------------------------------------------
+# replay
+# --------------------------------------------------------------------------
+@contextlib.contextmanager
+def replay_progress(trace: Any) -> Iterator[Callable[[Any, Any], None]]:
+    """A rich progress bar on stderr while a trace replays (TTY only).
+
+    Yields ``update(reader, chunk)``; the bar follows the reader's position
+    in the file.
+    """
+    import os
+
+    if not _err.is_terminal:
+        yield lambda reader, chunk: None
+        return
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    try:
+        size = os.path.getsize(trace)
+    except OSError:
+        size = None
+    columns = (TextColumn("replay"), BarColumn(), TextColumn("{task.fields[events]:,} events"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_err, transient=True) as bar:
+        task = bar.add_task("replay", total=size, events=0)
+
+        def update(reader: Any, chunk: Any) -> None:
+            f = getattr(reader, "_file", None)
+            pos = f.tell() if f is not None and not f.closed else None
+            bar.update(task, completed=pos, events=chunk.first + chunk.n)
+
+        yield update
+
+
+def _wide() -> Console:
+    """Replay output: the terminal's width, or 160 columns into a file/pipe."""
+    return _out if _out.is_terminal else Console(highlight=False, width=160)
+
+
+def _episode_table(tl: dict[str, Any], ep: dict[str, Any]) -> Table:
+    table = Table(title=f"shadow path of {tl['va']} under root {ep['root']}"
+                  f" (complete at event {ep['complete_event']:,})")
+    for col in ("level", "shadow", "entry", "event", "why", "vCPU", "CR3", "PC", "symbol",
+                "destroyed"):
+        table.add_column(col, justify="right" if col in ("event", "vCPU") else "left")
+    for lv in ep["levels"]:
+        why = lv["reason"] + (" (already built: shared)" if lv["shared"] else "")
+        gone = lv["destroyed"]
+        table.add_row(
+            lv["level"], f"{lv['type']} {lv['frame']}",
+            "" if lv["index"] is None else f"[{lv['index']}] {lv['value']}",
+            f"{lv['event']:,}", why, str(lv["vcpu"]), lv["cr3"] or "-", lv["pc"] or "-",
+            lv["symbol"] or "-",
+            "" if gone is None else f"{gone['event']:,} {gone['reason']}",
+        )
+    return table
+
+
+def _print_timeline(tl: dict[str, Any]) -> None:
+    out = _wide()
+    g = tl["guest"]
+    ans = tl["answer"]
+    out.print(f"[bold]watched VA {tl['va']}[/bold]: {g['accesses']:,} accesses, "
+               f"{g['table_writes_total']:,} table writes on its guest path")
+    for label in ("first_access", "first_write"):
+        ev = g[label]
+        if ev is not None:
+            out.print(f"  {label.replace('_', ' ')}: event {ev['event']:,} {ev['kind']} "
+                       f"vCPU {ev['vcpu']} CR3 {ev['cr3']} PC {ev['pc']} "
+                       f"{ev['symbol'] or ''}".rstrip())
+    eps = tl["episodes"]
+    if not eps:
+        out.print("  no complete shadow path was built for it")
+    else:
+        # the root the guest ran on when the path first became complete
+        main = next((e for e in eps if e["cr3"] and int(e["cr3"], 16) >> 12 << 12
+                     == int(e["root"], 16)), eps[0])
+        out.print(_episode_table(tl, main))
+        others = [e for e in eps if e is not main]
+        if others:
+            t = Table(title="other roots reaching it", show_header=True)
+            for col in ("root", "complete", "built under this root", "shared levels", "ended"):
+                t.add_column(col)
+            for e in others:
+                shared = [lv["level"] for lv in e["levels"] if lv["shared"]]
+                here = [lv["level"] for lv in e["levels"][1:] if not lv["shared"]]
+                end = e["ended"]
+                t.add_row(e["root"], f"{e['complete_event']:,}", " ".join(here) or "-",
+                          " ".join(shared) or "-",
+                          "-" if end is None else f"{end['event']:,} {end['reason']}")
+            out.print(t)
+        if tl["episodes_dropped"]:
+            out.print(f"  ({tl['episodes_dropped']} more episodes not kept)")
+    when = {
+        "first-access": "built by its first access",
+        "before-first-access": "built before its first access",
+        "after-first-access": "built after its first access",
+        "never": "never built",
+        "no-access": "built, though the guest never accessed it",
+    }[ans["when"]]
+    where = ""
+    if ans["leaf_event"] is not None:
+        sym = f" {ans['leaf_symbol']}" if ans["leaf_symbol"] else ""
+        where = f" (event {ans['leaf_event']:,}, {ans['leaf_reason']}, PC {ans['leaf_pc']}{sym})"
+    out.print(f"  answer: the shadow leaf entry was {when}{where}")
+
+
+def print_replay_summary(doc: dict[str, Any]) -> None:
+    """The replay results (``replay.results.build``) for people."""
+    out = _wide()
+    tr = doc["trace"]
+    rp = doc["replay"]
+    head = tr["header"]
+    out.print(f"[bold]replay {tr['path']}[/bold]: scenario {head.get('scenario')}, "
+               f"{rp['events']:,} events, {rp['accesses']:,} accesses "
+               f"({rp['deduplicated']:,} dropped as repeats{'' if rp['dedup'] else ', dedup off'}"
+               f"), {rp['duration_s']:.1f} s")
+    if doc["truncated"]:
+        out.print("[bold red]TRUNCATED trace[/bold red]: no footer; the valid prefix was "
+                   "replayed, results stop there")
+    counters = Table(title=f"counters (config {doc['config']['opt_flags']}, "
+                     f"pool {doc['config']['pool']:,} pages)", show_header=True)
+    counters.add_column("counter")
+    counters.add_column("value", justify="right")
+    for name, value in doc["counters"].items():
+        if value and not name.startswith(("shadow_created", "shadow_destroyed")):
+            counters.add_row(name, f"{value:,}")
+    out.print(counters)
+    shadows = Table(title="shadows by type", show_header=True)
+    for col in ("type", "live at end", "created", "destroyed"):
+        shadows.add_column(col, justify="left" if col == "type" else "right")
+    for t, v in doc["shadows"].items():
+        shadows.add_row(t, f"{v['live']:,}", f"{v['created']:,}", f"{v['destroyed']:,}")
+    out.print(shadows)
+    c7 = doc["c7"]
+    out.print(f"C7 translation mismatches: {c7['mismatches']:,} "
+               f"({c7['checked']:,} accesses checked, {c7['unknown']:,} with unknown walks)")
+    if doc["hazards"]["count"]:
+        out.print(f"exit-less CR3 hazards (C6 input): {doc['hazards']['count']:,}")
+    for tl in doc["timelines"] or []:
+        _print_timeline(tl)
+    findings = doc["findings"]
+    if findings is None:
+        out.print("secure-page checks: not run")
+    else:
+        by: dict[str, int] = {}
+        for f in findings:
+            by[str(f["severity"])] = by.get(str(f["severity"]), 0) + 1
+        if not by:
+            out.print("findings: none")
+        else:
+            t = Table(title="findings by severity")
+            t.add_column("severity")
+            t.add_column("count", justify="right")
+            for sev, n in sorted(by.items()):
+                t.add_row(sev, f"{n:,}")
+            out.print(t)

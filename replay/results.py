@@ -1,0 +1,393 @@
+"""Replay results as data: one JSON document, and Parquet tables via polars.
+
+The JSON schema is documented in ``docs/replay.md`` and versioned by
+:data:`SCHEMA`; its top-level keys are :data:`TOP_KEYS`, always all present
+(``null`` when not applicable). Addresses, frames, PCs, CR3 and entry values
+are ``"0x..."`` strings (kernel addresses do not fit a JSON double); event
+indexes and counts are integers.
+
+Parquet (``--parquet DIR``): ``events.parquet`` (the events of interest:
+every non-access event, every access at which the engine did something, and
+every access to a watched page; at most ``max_rows``) and
+``shadows.parquet`` (one row per shadow life).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import format as fmt
+from .config import EngineConfig
+from .engine import Fact, ShadowEngine
+from .errors import UsageError
+from .reader import Chunk
+from .replayer import ReplayStats
+from .timeline import (
+    LEVELS,
+    GuestEvent,
+    LevelRecord,
+    PathEpisode,
+    ShadowLifetimes,
+    Timeline,
+    VaTimeline,
+)
+
+#: Version of the JSON document's layout (bump on any incompatible change).
+SCHEMA = "shadowtrace.replay/1"
+#: Top-level keys of the JSON document, in order.
+TOP_KEYS: tuple[str, ...] = (
+    "schema", "trace", "truncated", "config", "replay", "counters", "shadows",
+    "c7", "hazards", "timelines", "findings",
+)
+#: Shadow types as reported, top down.
+SHADOW_TYPES: tuple[str, ...] = ("l4", "l3", "l2", "l1", "fl1")
+#: Samples of lists that could be long (C7 mismatches, hazards).
+MAX_SAMPLES = 100
+
+Namer = Callable[[int], str]
+
+
+def hx(value: int | None) -> str | None:
+    """An address as JSON: ``"0x..."`` (None stays None)."""
+    return None if value is None else f"{value:#x}"
+
+
+def _sym(namer: Namer | None, pc: int) -> str | None:
+    if namer is None or not pc:
+        return None
+    name = namer(pc)
+    return None if name.startswith("0x") else name  # unknown: the bare address
+
+
+# ---------------------------------------------------------------------------
+# Events of interest (for Parquet)
+# ---------------------------------------------------------------------------
+class EventTable:
+    """Collects the events of interest while the replay runs.
+
+    Kept: every non-access event, every access at which the engine produced
+    a fact (a shadow fault that did something), every access to a watched
+    page. At most ``max_rows`` rows; ``truncated`` tells when more were
+    left out. Plug it as a fact sink and as a :func:`~replay.timeline.drive`
+    observer.
+    """
+
+    COLUMNS = ("index", "kind", "vcpu", "info", "va", "pa", "pc", "val")
+
+    def __init__(self, max_rows: int = 1_000_000, watched: Callable[[], Iterable[int]] = list
+                 ) -> None:
+        self.max_rows = max_rows
+        self.watched = watched
+        self.rows = 0
+        self.truncated = False
+        self._parts: dict[str, list[npt.NDArray[Any]]] = {c: [] for c in self.COLUMNS}
+        self._faulted: list[npt.NDArray[np.bool_]] = []
+        self._fact_events: set[int] = set()
+
+    def __call__(self, fact: Fact) -> None:
+        self._fact_events.add(fact.event)
+
+    def after_chunk(self, chunk: Chunk) -> None:
+        facts = self._fact_events
+        self._fact_events = set()
+        if chunk.n == 0 or self.rows >= self.max_rows:
+            self.truncated |= chunk.n > 0
+            return
+        faulted = np.zeros(chunk.n, dtype=bool)
+        if facts:
+            rel = np.fromiter((e - chunk.first for e in facts), dtype=np.int64, count=len(facts))
+            rel = rel[(rel >= 0) & (rel < chunk.n)]
+            faulted[rel] = True
+        keep = (chunk.kind > fmt.Kind.FETCH) | faulted
+        pages = list(self.watched())
+        if pages:
+            pg = np.array(pages, dtype=np.uint64)
+            keep |= np.isin(chunk.va >> np.uint64(12), pg) & (chunk.kind <= fmt.Kind.FETCH)
+        idx = np.flatnonzero(keep)
+        room = self.max_rows - self.rows
+        if len(idx) > room:
+            idx = idx[:room]
+            self.truncated = True
+        self.rows += len(idx)
+        self._parts["index"].append(idx.astype(np.uint64) + np.uint64(chunk.first))
+        for c in self.COLUMNS[1:]:
+            self._parts[c].append(getattr(chunk, c)[idx])
+        self._faulted.append(faulted[idx])
+
+    def columns(self) -> dict[str, npt.NDArray[Any]]:
+        out: dict[str, npt.NDArray[Any]] = {}
+        dtypes = {"index": np.uint64, "kind": np.uint8, "vcpu": np.uint8, "info": np.uint8}
+        for c in self.COLUMNS:
+            parts = self._parts[c]
+            out[c] = np.concatenate(parts) if parts else np.zeros(0, dtypes.get(c, np.uint64))
+        out["faulted"] = np.concatenate(self._faulted) if self._faulted else np.zeros(0, bool)
+        return out
+
+
+# ---------------------------------------------------------------------------
+# JSON
+# ---------------------------------------------------------------------------
+def _guest_event(ev: GuestEvent | None, namer: Namer | None) -> dict[str, Any] | None:
+    if ev is None:
+        return None
+    out: dict[str, Any] = {
+        "event": ev.event, "kind": ev.kind, "vcpu": ev.vcpu, "cr3": hx(ev.cr3),
+        "pc": hx(ev.pc), "symbol": _sym(namer, ev.pc), "va": hx(ev.va), "pa": hx(ev.pa),
+    }
+    if ev.kind == "TABLE_WRITE":
+        out["value"] = hx(ev.val)
+        out["level"] = ev.level
+        out["effects"] = list(ev.effects)
+    return out
+
+
+def _level(rec: LevelRecord, namer: Namer | None) -> dict[str, Any]:
+    b = rec.birth
+    return {
+        "level": rec.level,
+        "frame": hx(rec.frame),
+        "type": rec.type,
+        "index": rec.index,
+        "value": hx(b.value) if rec.index is not None else None,
+        "event": b.event,
+        "reason": b.reason,
+        "shared": rec.shared,
+        "vcpu": b.vcpu,
+        "cr3": hx(b.cr3),
+        "pc": hx(b.pc),
+        "symbol": _sym(namer, b.pc),
+        "va": hx(b.va),
+        "destroyed": None if rec.destroyed is None
+        else {"event": rec.destroyed[0], "reason": rec.destroyed[1]},
+        "changes": [{"event": e, "reason": r, "value": hx(v)} for e, r, v in rec.changes],
+    }
+
+
+def _episode(ep: PathEpisode, namer: Namer | None) -> dict[str, Any]:
+    return {
+        "root": hx(ep.root << 12),
+        "complete_event": ep.complete_event,
+        "vcpu": ep.vcpu,
+        "cr3": hx(ep.cr3),
+        "levels": [_level(r, namer) for r in ep.levels],
+        "ended": None if ep.ended is None
+        else {"event": ep.ended[0], "reason": ep.ended[1], "level": ep.ended[2]},
+    }
+
+
+def timeline_json(tl: VaTimeline, namer: Namer | None = None) -> dict[str, Any]:
+    """One watched VA as JSON (see docs/replay.md, "timelines")."""
+    answer = tl.answer()
+    answer["leaf_pc"] = hx(answer["leaf_pc"])
+    answer["leaf_symbol"] = _sym(namer, int(answer["leaf_pc"] or "0", 16))
+    return {
+        "va": hx(tl.va),
+        "answer": answer,
+        "guest": {
+            "first_access": _guest_event(tl.first_access, namer),
+            "first_write": _guest_event(tl.first_write, namer),
+            "accesses": tl.accesses,
+            "table_writes": [_guest_event(e, namer) for e in tl.table_writes],
+            "table_writes_total": tl.table_writes_total,
+        },
+        "episodes": [_episode(e, namer) for e in tl.episodes],
+        "episodes_dropped": tl.episodes_dropped,
+    }
+
+
+def shadows_by_type(engine: ShadowEngine) -> dict[str, dict[str, int]]:
+    c = engine.counters
+    out = {}
+    for t in SHADOW_TYPES:
+        out[t] = {
+            "live": sum(1 for k in engine.shadows if _tname(int(k[1])) == t),
+            "created": c[f"shadow_created_{t}"],
+            "destroyed": c[f"shadow_destroyed_{t}"],
+        }
+    out["total"] = {k: sum(v[k] for v in out.values()) for k in ("live", "created", "destroyed")}
+    return out
+
+
+def _tname(t: int) -> str:
+    return "fl1" if t == 0 else f"l{t}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray)):
+        return obj.hex()
+    return obj
+
+
+def build(
+    *,
+    trace: str | Path,
+    header: dict[str, Any],
+    footer: dict[str, Any] | None,
+    truncated: bool,
+    config: EngineConfig,
+    engine: ShadowEngine,
+    stats: ReplayStats,
+    dedup: bool,
+    duration: float,
+    timeline: Timeline | None = None,
+    findings: Sequence[Any] | None = None,
+    namer: Namer | None = None,
+) -> dict[str, Any]:
+    """The whole JSON document (plain data, keys :data:`TOP_KEYS`)."""
+    cfg = config.to_dict()
+    cfg["cr3_targets"] = [hx(v) for v in config.cr3_targets]
+    cfg["opt_flags"] = hx(config.opt_flags)
+    cfg["pool"] = config.pool
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "trace": {
+            "path": str(trace),
+            "header": _jsonable(header),
+            "footer": _jsonable(footer),
+            "events": stats.events,
+            "chunks": stats.chunks,
+        },
+        "truncated": truncated,
+        "config": cfg,
+        "replay": {
+            "dedup": dedup,
+            "events": stats.events,
+            "accesses": stats.accesses,
+            "deduplicated": stats.deduplicated,
+            "duration_s": round(duration, 3),
+            "markers": [{"event": e, "vcpu": v, "marker": m}
+                        for e, v, m in stats.markers[:MAX_SAMPLES]],
+        },
+        "counters": dict(engine.counters),
+        "shadows": shadows_by_type(engine),
+        "c7": {
+            "checked": stats.translations_checked,
+            "unknown": stats.translations_unknown,
+            "mismatches": stats.translation_mismatches,
+            "samples": [
+                {"event": m.event, "vcpu": m.vcpu, "va": hx(m.va), "trace_pa": hx(m.trace_pa),
+                 "model_pa": hx(m.model_pa) if m.model_pa >= 0 else "unmapped"}
+                for m in stats.mismatches[:MAX_SAMPLES]
+            ],
+        },
+        "hazards": {
+            "count": len(engine.hazards),
+            "samples": [{"event": h.event, "vcpu": h.vcpu, "kind": h.kind, "root": hx(h.root),
+                         "detail": h.detail} for h in engine.hazards[:MAX_SAMPLES]],
+        },
+        "timelines": None if timeline is None
+        else [timeline_json(t, namer) for t in timeline.timelines.values()],
+        "findings": None if findings is None else [finding_json(f, namer) for f in findings],
+    }
+    assert tuple(doc) == TOP_KEYS
+    return doc
+
+
+def finding_json(f: Any, namer: Namer | None = None) -> dict[str, Any]:
+    """A checks Finding (check, severity, event, vcpu, cr3, va, frames, path,
+    message) as JSON; unknown attributes become null."""
+    def get(name: str) -> Any:
+        return getattr(f, name, None) if not isinstance(f, dict) else f.get(name)
+    frames = get("frames") or []
+    path = get("path")
+    return {
+        "check": get("check"),
+        "severity": str(get("severity")) if get("severity") is not None else None,
+        "event": get("event"),
+        "vcpu": get("vcpu"),
+        "cr3": hx(get("cr3")) if isinstance(get("cr3"), int) else get("cr3"),
+        "va": hx(get("va")) if isinstance(get("va"), int) else get("va"),
+        "frames": [hx(x) if isinstance(x, int) else x for x in frames],
+        "path": _jsonable(list(path)) if isinstance(path, (list, tuple)) else path,
+        "message": get("message"),
+    }
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> None:
+    p = Path(path)
+    try:
+        p.write_text(json.dumps(doc, indent=1) + "\n")
+    except OSError as err:
+        raise UsageError(f"{p}: cannot write: {err.strerror}") from err
+
+
+# ---------------------------------------------------------------------------
+# Parquet
+# ---------------------------------------------------------------------------
+def write_parquet(
+    folder: str | Path,
+    events: EventTable | None,
+    lifetimes: ShadowLifetimes,
+    namer: Namer | None = None,
+) -> list[Path]:
+    """Write ``events.parquet`` and ``shadows.parquet`` into ``folder``."""
+    import polars as pl
+
+    d = Path(folder)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{d}: cannot create: {err.strerror}") from err
+    written = []
+    if events is not None:
+        cols = events.columns()
+        kinds = {int(k): k.name for k in fmt.Kind}
+        pcs, inverse = np.unique(cols["pc"], return_inverse=True)
+        names = [_sym(namer, int(pc)) for pc in pcs.tolist()]
+        symbol = [names[i] for i in inverse.ravel().tolist()]
+        df = pl.DataFrame({
+            "index": pl.Series(cols["index"], dtype=pl.UInt64),
+            "kind": pl.Series([kinds[k] for k in cols["kind"].tolist()], dtype=pl.Utf8),
+            "vcpu": pl.Series(cols["vcpu"], dtype=pl.UInt8),
+            "info": pl.Series(cols["info"], dtype=pl.UInt8),
+            "va": pl.Series(cols["va"], dtype=pl.UInt64),
+            "pa": pl.Series(cols["pa"], dtype=pl.UInt64),
+            "pc": pl.Series(cols["pc"], dtype=pl.UInt64),
+            "val": pl.Series(cols["val"], dtype=pl.UInt64),
+            "faulted": pl.Series(cols["faulted"], dtype=pl.Boolean),
+            "symbol": pl.Series(symbol, dtype=pl.Utf8),
+        })
+        written.append(_write(df, d / "events.parquet"))
+    rows = lifetimes.all_rows()
+    sdf = pl.DataFrame({
+        "frame": pl.Series([r.frame for r in rows], dtype=pl.UInt64),
+        "type": pl.Series([r.type for r in rows], dtype=pl.Utf8),
+        "created": pl.Series([r.created for r in rows], dtype=pl.Int64),
+        "created_reason": pl.Series([r.created_reason for r in rows], dtype=pl.Utf8),
+        "destroyed": pl.Series([r.destroyed for r in rows], dtype=pl.Int64),
+        "destroyed_reason": pl.Series([r.destroyed_reason for r in rows], dtype=pl.Utf8),
+    })
+    written.append(_write(sdf, d / "shadows.parquet"))
+    return written
+
+
+def _write(df: Any, path: Path) -> Path:
+    try:
+        df.write_parquet(path)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot write: {err.strerror}") from err
+    return path
+
+
+__all__ = [
+    "EventTable",
+    "LEVELS",
+    "SCHEMA",
+    "TOP_KEYS",
+    "build",
+    "finding_json",
+    "hx",
+    "timeline_json",
+    "write_json",
+    "write_parquet",
+]

@@ -1,0 +1,158 @@
+"""``shadowtrace replay``: summary, JSON schema, Parquet, errors.
+
+Runs the command as a user would (a subprocess) on the seed-like synthetic
+trace of test_timeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from replay.results import SCHEMA, TOP_KEYS
+
+from .conftest import run_cli
+from .test_timeline import VA, seed_trace
+
+#: The JSON layout docs/replay.md documents; a change here is a schema change.
+TRACE_KEYS = {"path", "header", "footer", "events", "chunks"}
+REPLAY_KEYS = {"dedup", "events", "accesses", "deduplicated", "duration_s", "markers"}
+SHADOW_KEYS = {"l4", "l3", "l2", "l1", "fl1", "total"}
+C7_KEYS = {"checked", "unknown", "mismatches", "samples"}
+TIMELINE_KEYS = {"va", "answer", "guest", "episodes", "episodes_dropped"}
+ANSWER_KEYS = {"when", "leaf_event", "leaf_reason", "leaf_pc", "leaf_symbol",
+               "first_access_event"}
+GUEST_KEYS = {"first_access", "first_write", "accesses", "table_writes", "table_writes_total"}
+GUEST_EVENT_KEYS = {"event", "kind", "vcpu", "cr3", "pc", "symbol", "va", "pa"}
+EPISODE_KEYS = {"root", "complete_event", "vcpu", "cr3", "levels", "ended"}
+LEVEL_KEYS = {"level", "frame", "type", "index", "value", "event", "reason", "shared", "vcpu",
+              "cr3", "pc", "symbol", "va", "destroyed", "changes"}
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("shadowtrace: ")
+    return lines[0]
+
+
+def test_good_run_prints_summary_and_writes_json(tmp_path: Path) -> None:
+    s = seed_trace(tmp_path / "seed.trace")
+    out = tmp_path / "r.json"
+    proc = run_cli("replay", str(s.path), "--watch", f"{VA:x}", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar without a terminal
+    for text in ("counters", "shadows by type", "C7 translation mismatches: 0",
+                 f"watched VA {VA:#x}", "other roots reaching it",
+                 "answer: the shadow leaf entry was built by its first access",
+                 "secure-page checks: not run"):
+        assert text in proc.stdout, text
+    doc = json.loads(out.read_text())
+    assert tuple(doc) == TOP_KEYS
+    assert doc["schema"] == SCHEMA
+    assert set(doc["trace"]) == TRACE_KEYS
+    assert set(doc["replay"]) == REPLAY_KEYS
+    assert set(doc["shadows"]) == SHADOW_KEYS
+    assert set(doc["c7"]) == C7_KEYS
+    assert doc["truncated"] is False
+    assert doc["findings"] is None  # no checks ran
+    assert doc["trace"]["events"] == s.events
+    # 8 shadows were made (2 L4, 1 L3, 2 L2, 2 L1, 1 FL1), none destroyed
+    assert doc["shadows"]["total"] == {"live": 8, "created": 8, "destroyed": 0}
+    assert doc["c7"]["mismatches"] == 0  # the trace's pa agree with its tables
+    (tl,) = doc["timelines"]
+    assert set(tl) == TIMELINE_KEYS
+    assert set(tl["answer"]) == ANSWER_KEYS
+    assert set(tl["guest"]) == GUEST_KEYS
+    assert set(tl["guest"]["first_access"]) >= GUEST_EVENT_KEYS
+    assert tl["va"] == f"{VA:#x}"
+    assert tl["answer"]["when"] == "first-access"
+    assert tl["answer"]["leaf_event"] == s.deref
+    assert len(tl["episodes"]) == 2  # root A, then root B
+    for ep in tl["episodes"]:
+        assert set(ep) == EPISODE_KEYS
+        assert [lv["level"] for lv in ep["levels"]] == [
+            "L4", "L4e", "L3", "L3e", "L2", "L2e", "L1", "L1e"]
+        for lv in ep["levels"]:
+            assert set(lv) == LEVEL_KEYS
+
+
+def test_watch_console(tmp_path: Path) -> None:
+    s = seed_trace(tmp_path / "seed.trace")
+    (tmp_path / "seed.console.log").write_text(
+        f"[    2.9] The address allocated is {VA:x}\n[    2.9] The value at the address is 0\n")
+    out = tmp_path / "r.json"
+    proc = run_cli("replay", str(s.path), "--json", str(out), "--watch-console")
+    assert proc.returncode == 0, proc.stderr
+    assert [t["va"] for t in json.loads(out.read_text())["timelines"]] == [f"{VA:#x}"]
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    s = seed_trace(tmp_path / "seed.trace")
+    proc = run_cli("replay", str(s.path), "--watch", f"{VA:#x}", "--parquet",
+                   str(tmp_path / "pq"))
+    assert proc.returncode == 0, proc.stderr
+    ev = pl.read_parquet(tmp_path / "pq" / "events.parquet")
+    # every non-access event (7 snapshots, 2 CR3 writes, 2 table writes), the
+    # accesses that faulted (alloc store, dereference, 2 MiB read, read under
+    # root B) -- the neighbour's read found its prefetched entry: no fault
+    assert ev["kind"].value_counts().sort("kind").rows() == [
+        ("CR3_WRITE", 2), ("READ", 3), ("SNAPSHOT", 7), ("TABLE_WRITE", 2), ("WRITE", 1)]
+    faulted = ev.filter(pl.col("faulted"))["index"].to_list()
+    # faults at the accesses, plus the events whose handling made facts:
+    # both CR3 writes (new L4 shadows) and the validated unlink
+    assert sorted(faulted) == sorted([s.cr3_a, s.alloc_store, s.deref, s.read_va3, s.cr3_b,
+                                      s.deref_b, s.unlink_b])
+    deref = ev.filter(pl.col("index") == s.deref).row(0, named=True)
+    assert deref["va"] == VA and deref["pc"] == 0xFFFF_FFFF_C000_004A
+    sh = pl.read_parquet(tmp_path / "pq" / "shadows.parquet")
+    assert sh.height == 8  # the 8 shadows of the run
+    assert sh["destroyed"].null_count() == 8  # all alive at the end
+    assert set(sh["created_reason"].to_list()) == {"cr3", "demand"}
+
+
+def test_corrupt_trace_is_one_line(tmp_path: Path) -> None:
+    s = seed_trace(tmp_path / "seed.trace")
+    data = bytearray(s.path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = b"\xff" * 64  # inside the chunk's compressed columns
+    s.path.write_bytes(bytes(data))
+    proc = run_cli("replay", str(s.path))
+    assert proc.returncode == 1
+    assert str(s.path) in one_line(proc.stderr)
+    junk = tmp_path / "junk.trace"
+    junk.write_bytes(b"not a trace at all")
+    proc = run_cli("replay", str(junk))
+    assert proc.returncode == 1
+    assert "not a shadowtrace trace" in one_line(proc.stderr)
+
+
+def test_truncated_needs_allow_truncated(tmp_path: Path) -> None:
+    s = seed_trace(tmp_path / "cut.trace", footer=False)
+    proc = run_cli("replay", str(s.path))
+    assert proc.returncode == 1
+    assert "truncated" in one_line(proc.stderr)
+    out = tmp_path / "r.json"
+    proc = run_cli("replay", str(s.path), "--allow-truncated", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "TRUNCATED" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["truncated"] is True and doc["trace"]["footer"] is None
+    assert doc["trace"]["events"] == s.events  # the whole chunk was written
+
+
+def test_bad_options_are_one_line(tmp_path: Path) -> None:
+    s = seed_trace(tmp_path / "seed.trace")
+    proc = run_cli("replay", str(s.path), "--watch", "zz")
+    assert proc.returncode == 1
+    assert "not a hex address" in one_line(proc.stderr)
+    proc = run_cli("replay", str(s.path), "--watch-console")  # no console log
+    assert proc.returncode == 1
+    assert "console log" in one_line(proc.stderr)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_knob = true\n")
+    proc = run_cli("replay", str(s.path), "--config", str(bad))
+    assert proc.returncode == 1
+    assert "no_such_knob" in one_line(proc.stderr)
