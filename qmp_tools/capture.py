@@ -4,12 +4,13 @@ The trace is written to ``OUT.partial`` and renamed to ``OUT`` only when the
 guest ran its scenario to the end and the plugin wrote its footer; on any
 failure the partial file stays, named ``.partial`` (and it has no footer, so
 readers call it truncated). Beside the trace: ``NAME.console.log`` (the
-guest's serial console) and ``NAME.truth.json`` (ground truth taken with the
+guest's serial console) and ``NAME.truth.json.gz`` (ground truth taken with the
 VM paused at the stop marker).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -52,7 +53,7 @@ class CaptureResult:
 def side_paths(out: Path) -> tuple[Path, Path]:
     """The console log and ground-truth files kept beside trace ``out``."""
     stem = out.name[: -len(".trace")] if out.name.endswith(".trace") else out.name
-    return out.with_name(stem + ".console.log"), out.with_name(stem + ".truth.json")
+    return out.with_name(stem + ".console.log"), out.with_name(stem + ".truth.json.gz")
 
 
 def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureResult:
@@ -104,7 +105,8 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         raise GuestError(f"the plugin's trace is unusable: {err}", result.console_tail) from err
     os.replace(partial, out)
     if result.truth is not None:
-        truth_path.write_text(json.dumps(result.truth, indent=1) + "\n")
+        with gzip.open(truth_path, "wt") as f:  # `info tlb` text is megabytes
+            json.dump(result.truth, f)
     summary["duration_s"] = round(duration, 2)
     return CaptureResult(
         trace=out,

@@ -41,7 +41,7 @@ def capture(folder: Path, name: str, *extra: str) -> Captured:
     return Captured(
         trace=out,
         console=folder / f"{name}.console.log",
-        truth=folder / f"{name}.truth.json",
+        truth=folder / f"{name}.truth.json.gz",
         stdout=proc.stdout,
     )
 
