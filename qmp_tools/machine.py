@@ -109,7 +109,8 @@ class GuestRun:
         self._tail: deque[str] = deque(maxlen=25)
         self._markers: list[str] = []
         self._truth: dict[str, Any] | None = None
-        self._panicked = False
+        #: The reason a panic line gave ("" while the guest has not panicked).
+        self._panicked = ""
         self._done = False
 
     # -- the command line ------------------------------------------------
@@ -203,7 +204,9 @@ class GuestRun:
             rc = await proc.wait()
             stderr = (await stderr_task).decode(errors="replace").strip()
             if self._panicked:
-                raise GuestError("guest kernel panicked", self.console_tail())
+                raise GuestError(
+                    f"guest kernel panicked: {self._panicked}", self.console_tail()
+                )
             if rc != 0:
                 last = stderr.splitlines()[-1] if stderr else f"exit status {rc}"
                 raise GuestError(f"QEMU failed: {last}", self.console_tail())
@@ -260,7 +263,7 @@ class GuestRun:
                 log.flush()
             self._tail.append(line)
             if _PANIC in line:
-                self._panicked = True
+                self._panicked = line.split(_PANIC, 1)[1].lstrip(": ") or "no reason given"
                 self.progress("guest panicked")
             elif _DONE_LINE.match(line):
                 self._done = True

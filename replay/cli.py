@@ -87,7 +87,9 @@ def _capture(args: argparse.Namespace) -> int:
             result = capture(opts, progress)
     except GuestError as err:
         if err.console_tail:
-            sys.stderr.write("--- guest console (last lines) ---\n" + err.console_tail + "\n")
+            sys.stderr.write(
+                "--- guest console (last lines) ---\n" + err.console_tail + "\n---\n"
+            )
         raise
     print_capture_summary(result)
     return 0
