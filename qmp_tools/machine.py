@@ -111,6 +111,7 @@ class GuestRun:
         self._truth: dict[str, Any] | None = None
         #: The reason a panic line gave ("" while the guest has not panicked).
         self._panicked = ""
+        self._panic_line = ""
         self._done = False
 
     # -- the command line ------------------------------------------------
@@ -163,7 +164,11 @@ class GuestRun:
             raise GuestError("interrupted", self.console_tail()) from None
 
     def console_tail(self) -> str:
-        return "\n".join(self._tail)
+        """The console's last lines, with the panic line first if it scrolled out."""
+        lines = list(self._tail)
+        if self._panic_line and self._panic_line not in lines:
+            lines = [self._panic_line, "..."] + lines
+        return "\n".join(lines)
 
     async def _run(self) -> RunResult:
         workdir = Path(tempfile.mkdtemp(prefix="shadowtrace-", dir=_tmp_root()))
@@ -264,6 +269,7 @@ class GuestRun:
             self._tail.append(line)
             if _PANIC in line:
                 self._panicked = line.split(_PANIC, 1)[1].lstrip(": ") or "no reason given"
+                self._panic_line = line
                 self.progress("guest panicked")
             elif _DONE_LINE.match(line):
                 self._done = True
