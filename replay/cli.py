@@ -130,18 +130,14 @@ def _console_vas(trace: Path, regex: str) -> list[int]:
 
     from .errors import UsageError
 
-    log = trace.with_suffix(".console.log") if trace.suffix == ".trace" else Path(
-        str(trace) + ".console.log")
     try:
         pattern = re.compile(regex)
     except re.error as err:
         raise UsageError(f"--watch-console {regex!r}: {err}") from None
     if pattern.groups < 1:
         raise UsageError(f"--watch-console {regex!r}: the regex has no group")
-    try:
-        text = log.read_text(errors="replace")
-    except OSError as err:
-        raise UsageError(f"{log}: cannot read the console log: {err.strerror}") from None
+    text = _console_text(trace)
+    log = trace
     vas: list[int] = []
     for m in pattern.finditer(text):
         try:
@@ -185,22 +181,27 @@ def _engine_config(path: Path | None, header: dict[str, Any]) -> Any:
     return cfg
 
 
-def _make_checker(args: argparse.Namespace, engine: Any) -> Any:
-    """The secure-page checks (replay.checks), when that module exists.
+def _console_text(trace: Path) -> str:
+    """The guest console log kept beside a trace (capture's NAME.console.log)."""
+    from qmp_tools.capture import side_paths
 
-    Returns None when it does not; --secure / --policy then are errors.
-    """
     from .errors import UsageError
 
+    log = side_paths(trace)[0]
     try:
-        from . import checks  # type: ignore[attr-defined]
-    except ImportError:
-        checks = None
-    if checks is None or not hasattr(checks, "Checker"):
-        if args.secure or args.policy:
-            raise UsageError("--secure/--policy: the secure-page checks are not available")
-        return None
-    return checks.Checker(engine, secure=list(args.secure), policy=args.policy)
+        return log.read_text(errors="replace")
+    except OSError as err:
+        raise UsageError(f"{log}: cannot read the console log: {err.strerror}") from None
+
+
+def _make_checker(args: argparse.Namespace, engine: Any) -> Any:
+    """The secure-page checks C1-C8 over this replay (replay.checks)."""
+    from .checks import Checker
+
+    console = None
+    if any(spec.startswith("console:") for spec in args.secure):
+        console = _console_text(args.trace)
+    return Checker(engine, secure=list(args.secure), console=console, policy=args.policy)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -235,21 +236,15 @@ def _replay(args: argparse.Namespace) -> int:
             hub.add(events)
             observers.append(events)
         checker = _make_checker(args, engine)
-        if checker is not None:
-            hub.add(checker)
-            if hasattr(checker, "before_chunk") or hasattr(checker, "after_chunk"):
-                observers.append(checker)
+        hub.add(checker)
         replayer = Replayer(engine, dedup=not args.no_dedup)
         with replay_progress(args.trace) as progress:
             stats = drive(replayer, reader, observers,
                           on_chunk=lambda c: progress(reader, c))
         footer, truncated = reader.footer, reader.truncated
     # ---- findings: the secure-page checks (replay.checks) report here ----
-    findings = None
-    if checker is not None:
-        done = getattr(checker, "finish", None)
-        found = done() if callable(done) else None
-        findings = list(found if found is not None else getattr(checker, "findings", []))
+    checker.finish(stats)  # C7 comes from the replayer's cross-check
+    findings = list(checker.findings)
     duration = time.monotonic() - start
     namer = _namer(header, stats.markers) if watch or events or findings else None
     doc = results.build(

@@ -217,6 +217,7 @@ _CR4_PSE, _CR4_PAE, _CR4_PGE, _CR4_PCIDE, _CR4_SMEP = 1 << 4, 1 << 5, 1 << 7, 1 
 _CR4_MODE_BITS: Final = _CR4_PSE | _CR4_PAE | _CR4_PGE | _CR4_SMEP
 
 FactSink = Callable[[Fact], None]
+EventHook = Callable[[int, int, int, int, int, int, int, list[str] | None], None]
 
 
 class ShadowEngine:
@@ -239,6 +240,14 @@ class ShadowEngine:
         self.config.validate()
         self.guest = guest if guest is not None else GuestMemory()
         self.on_fact = on_fact
+        #: Policy hook (policy mode of the checks): called as
+        #: ``refuse_leaf(vcpu, target_frame, fetch)`` for every present leaf
+        #: about to be propagated; True makes the shadow entry empty.
+        self.refuse_leaf: Callable[[int, int, Fetch], bool] | None = None
+        #: Observer hook the Replayer calls after each event it feeds, as
+        #: ``after_event(index, kind, vcpu, info, va, pa, val, marker)``
+        #: (marker: the MARKER's [name, args...], else None); replay.checks.
+        self.after_event: EventHook | None = None
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.facts: list[Fact] = []
         self.hazards: list[Hazard] = []
@@ -860,6 +869,9 @@ class ShadowEngine:
         if level == 1 and self._is_mmio((g & ADDR_MASK) >> PAGE_SHIFT):
             return SH_MMIO | (g & ADDR_MASK) | (g & (PTE_P | PTE_RW | PTE_US)) & ~SH_P
         if target < 0:
+            return 0
+        if level == 1 and self.refuse_leaf is not None and self.refuse_leaf(
+                self._vcpu, target, ft):
             return 0
         flags = g & _PASS_THRU
         if level > 1:

@@ -214,6 +214,7 @@ class Replayer:
         check = self.check_translation
         st = self.stats
         first = chunk.first
+        hook = eng.after_event
         cols = zip(
             rows.tolist(), chunk.kind[rows].tolist(), chunk.vcpu[rows].tolist(),
             chunk.info[rows].tolist(), chunk.va[rows].tolist(), chunk.pa[rows].tolist(),
@@ -240,6 +241,9 @@ class Replayer:
                 eng.process(kind, index, vcpu, info, va, pa, pc, val, None, marker)
             else:
                 eng.process(kind, index, vcpu, info, va, pa, pc, val)
+            if hook is not None:
+                hook(index, kind, vcpu, info, va, pa, val,
+                     chunk.markers[val] if kind == _MARKER else None)
 
     def _mismatch(self, event: int, vcpu: int, va: int, trace_pa: int, model_pa: int) -> None:
         st = self.stats

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 
 from replay import format as fmt
-from replay.checks import Checker, Finding
+from replay.checks import Checker, Finding, check_file
 from replay.config import EngineConfig
-from replay.engine import ShadowEngine
+from replay.engine import Fact, ShadowEngine
 from replay.errors import UsageError
 from replay.guest import PTE_A, PTE_D, PTE_P, PTE_RW, GuestMemory, cr3_root, va_index
 from replay.reader import read_all
 from replay.replayer import Replayer
-from replay.secure import FrameSpec, RootSpec, VaSpec, parse_spec, parse_specs
+from replay.secure import FrameSpec, RootSpec, VaSpec, parse_spec
 from replay.writer import TraceWriter
 
 from .test_guest import TABLE, GuestTables, dm
@@ -94,11 +94,12 @@ class Trace:
                     w.event(**f)
         _, chunks, _ = read_all(self.path)
         config = EngineConfig.from_dict({"vcpus": self.vcpus, **cfg})
-        replayer = Replayer(ShadowEngine(config))
-        checker = Checker(parse_specs(specs or [], console), policy=policy)
-        checker.attach(replayer)
+        engine = ShadowEngine(config)
+        # the CLI's way: a checker on the engine, the replayer made after it
+        checker = Checker(engine, secure=specs or [], console=console, policy=policy)
+        replayer = Replayer(engine)
         replayer.run(chunks)
-        checker.finish()
+        checker.finish(replayer.stats)
         return checker
 
 
@@ -552,3 +553,41 @@ def test_root_marker_strips_pcid(tmp_path: Path) -> None:
     ck = tr.run()
     assert list(ck.registry.root_history) == [cr3_root(a << 12)]
     assert len(ck.registry.warnings) == 1
+
+
+class FactHub:
+    """A fact fan-out like the CLI's (replay.timeline.FactHub)."""
+
+    def __init__(self) -> None:
+        self.sinks: list[Any] = []
+
+    def add(self, sink: Any) -> None:
+        self.sinks.append(sink)
+
+    def __call__(self, fact: Fact) -> None:
+        for sink in self.sinks:
+            sink(fact)
+
+
+def test_check_file_and_fact_hub(tmp_path: Path) -> None:
+    """check_file (attach to a replayer) and a checker fed by a fact hub
+    that also gets it added a second time give the same findings."""
+    t = GuestTables()
+    a, b, _ = private_root(t)
+    t.map(b, U, F, KDATA)
+    tr = Trace(tmp_path / "t", vcpus=2)
+    tr.snap(t)
+    tr.cr3(a, vcpu=0)
+    tr.cr3(b, vcpu=1)
+    register(tr, a)
+    tr.read(U, vcpu=1)
+    direct = tr.run()
+    ck, _, stats = check_file(tr.path)
+    assert stats.events == len(tr.events)
+    assert brief(ck.findings) == brief(direct.findings)
+    hub = FactHub()
+    engine = ShadowEngine(EngineConfig(vcpus=2), on_fact=hub)
+    hubbed = Checker(engine)  # adds itself to the hub ...
+    hub.add(hubbed)  # ... and the caller adds it again: facts still count once
+    Replayer(engine).run(read_all(tr.path)[1])
+    assert brief(hubbed.finish()) == brief(direct.findings)

@@ -47,7 +47,7 @@ def test_good_run_prints_summary_and_writes_json(tmp_path: Path) -> None:
     for text in ("counters", "shadows by type", "C7 translation mismatches: 0",
                  f"watched VA {VA:#x}", "other roots reaching it",
                  "answer: the shadow leaf entry was built by its first access",
-                 "secure-page checks: not run"):
+                 "findings: none"):
         assert text in proc.stdout, text
     doc = json.loads(out.read_text())
     assert tuple(doc) == TOP_KEYS
@@ -57,7 +57,7 @@ def test_good_run_prints_summary_and_writes_json(tmp_path: Path) -> None:
     assert set(doc["shadows"]) == SHADOW_KEYS
     assert set(doc["c7"]) == C7_KEYS
     assert doc["truncated"] is False
-    assert doc["findings"] is None  # no checks ran
+    assert doc["findings"] == []  # nothing registered secure: no finding
     assert doc["trace"]["events"] == s.events
     # 8 shadows were made (2 L4, 1 L3, 2 L2, 2 L1, 1 FL1), none destroyed
     assert doc["shadows"]["total"] == {"live": 8, "created": 8, "destroyed": 0}
