@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--policy", action="store_true",
                      help="checks in policy mode (refuse secure mappings outside secure roots)")
     rep.set_defaults(func=_replay)
+
+    chk = sub.add_parser("check", help="replay a trace and compare with stored expectations")
+    chk.add_argument("trace", type=Path)
+    chk.add_argument("--expect", type=Path, required=True, metavar="FILE",
+                     help="expectation file (JSON: replay options and expected results)")
+    chk.add_argument("--update", action="store_true",
+                     help="rewrite FILE from this replay (keeps FILE's options if it exists)")
+    chk.add_argument("--config", type=Path, help="with --update on a new FILE: engine config")
+    chk.add_argument("--watch", action="append", default=[], metavar="VA")
+    chk.add_argument("--watch-console", nargs="?", const=DEFAULT_CONSOLE_REGEX, metavar="REGEX")
+    chk.add_argument("--secure", action="append", default=[], metavar="SPEC")
+    chk.add_argument("--policy", action="store_true")
+    chk.add_argument("--no-dedup", action="store_true")
+    chk.set_defaults(func=_check)
     return parser
 
 
@@ -205,13 +219,21 @@ def _make_checker(args: argparse.Namespace, engine: Any) -> Any:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from .report import print_replay_summary
+
+    print_replay_summary(_replay_doc(args))
+    return 0
+
+
+def _replay_doc(args: argparse.Namespace) -> dict[str, Any]:
+    """Replay as the options say; write --json/--parquet; return the results."""
     import time
 
     from . import results
     from .engine import ShadowEngine
     from .reader import TraceReader
     from .replayer import Replayer
-    from .report import print_replay_summary, replay_progress
+    from .report import replay_progress
     from .timeline import FactHub, ShadowLifetimes, Timeline, drive
 
     watch = [_parse_va(v) for v in args.watch]
@@ -256,7 +278,57 @@ def _replay(args: argparse.Namespace) -> int:
         results.write_json(args.json, doc)
     if args.parquet is not None:
         results.write_parquet(args.parquet, events, lifetimes, namer)
-    print_replay_summary(doc)
+    return doc
+
+
+#: Replay options an expectation file keeps, with their defaults.
+CHECK_OPTIONS: dict[str, Any] = {
+    "config": None, "watch": [], "watch_console": None, "secure": [], "policy": False,
+    "no_dedup": False,
+}
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Replay TRACE with the options stored in FILE and compare the results."""
+    import json
+
+    from .errors import UsageError
+    from .golden import compare, expectation
+
+    stored: dict[str, Any] = {}
+    if args.expect.exists():
+        try:
+            stored = json.loads(args.expect.read_text())
+            options = stored["options"]
+            expected = stored["expected"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{args.expect}: not an expectation file ({err})") from None
+    elif not args.update:
+        raise UsageError(f"{args.expect}: no such file (use --update to write it)")
+    else:
+        options = {k: getattr(args, k) for k in CHECK_OPTIONS}
+        options["config"] = str(args.config) if args.config else None
+        expected = None
+    replay_args = argparse.Namespace(
+        trace=args.trace, json=None, parquet=None, allow_truncated=False,
+        **{k: options.get(k, default) for k, default in CHECK_OPTIONS.items()},
+    )
+    if replay_args.config is not None:
+        replay_args.config = Path(replay_args.config)
+    got = json.loads(json.dumps(expectation(_replay_doc(replay_args)), default=str))
+    if args.update:
+        args.expect.write_text(
+            json.dumps({"options": options, "expected": got}, indent=1, sort_keys=True) + "\n"
+        )
+        print(f"{args.expect}: expectations written")
+        return 0
+    diff = compare(expected, got)
+    if diff:
+        print(f"{args.trace}: {len(diff)} difference(s) from {args.expect}:")
+        for line in diff:
+            print(f"  {line}")
+        return 1
+    print(f"{args.trace}: as expected ({args.expect})")
     return 0
 
 

@@ -15,6 +15,14 @@ from pathlib import Path
 import pytest
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite traces/*.expected.json from this replay (on purpose, never silently)",
+    )
+
+
 @dataclass
 class Captured:
     trace: Path
