@@ -96,7 +96,8 @@ def test_error_names_path_chunk_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     write_small(path)
     data = bytearray(path.read_bytes())
-    header_len = len(msgpack.packb(next(msgpack.Unpacker(open(path, "rb"), raw=False))))
+    with open(path, "rb") as f:
+        header_len = len(msgpack.packb(next(msgpack.Unpacker(f, raw=False))))
     # flip the chunk's "seq" value (0 -> 5): the first byte after the "seq" key
     at = data.index(b"\xa3seq", header_len) + 4
     data[at] = 5
