@@ -75,7 +75,7 @@ demo: setup
 	@mkdir -p out
 	$(ST) capture --scenario seed --out out/seed.trace
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
 lint: python

@@ -190,7 +190,7 @@ class TraceReader:
         where = {"offset": offset, "chunk": self.chunks}
 
         def bad(message: str) -> TraceFormatError:
-            return TraceFormatError(self.path, message, **where)  # type: ignore[arg-type]
+            return TraceFormatError(self.path, message, **where)
 
         missing = [k for k in fmt.CHUNK_KEYS if k not in obj]
         if missing:
