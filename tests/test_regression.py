@@ -28,7 +28,7 @@ def test_every_trace_has_expectations() -> None:
     golden = {p.name.removesuffix(".expected.json") for p in EXPECTED}
     assert traces == golden
     # seed, private-root and shared-l1 at least are recorded
-    assert {"seed", "private-root", "shared-l1"} <= traces
+    assert {"seed", "private-root", "shared-l1", "secretmem", "vmalloc", "fork"} <= traces
 
 
 @pytest.mark.parametrize("golden", EXPECTED, ids=lambda p: p.name.split(".")[0])
@@ -83,3 +83,36 @@ def test_shared_l1_is_critical() -> None:
         "C3/critical", 0
     )
     assert findings.get("C2/critical", 0) >= 1
+
+
+def test_secretmem_page_has_no_alias() -> None:
+    findings = expected("secretmem")["findings"]
+    # memfd_secret removes the page from the direct map: no second mapping
+    # (C4) of it anywhere. The program cannot name its own root as secure, so
+    # its own mapping still counts as non-secure (C1, C2): the positive
+    # control is the absence of C4.
+    assert "C4/high" not in findings
+    assert findings.get("C1/critical", 0) >= 1
+
+
+def test_vmalloc_builds_and_destroys_shadows() -> None:
+    exp = expected("vmalloc")
+    counters = exp["counters"]
+    # vmalloc/vfree write kernel tables: emulated, re-validated table writes
+    assert counters["shadow_emulate"] > 0
+    # and shadows come and go within the window
+    assert exp["shadows"]["total"]["destroyed"] > 0
+    (timeline,) = exp["timelines"]
+    # the module's first write to the area builds its leaf by demand
+    assert timeline["answer"]["leaf_symbol"].startswith("st_vmalloc_init")
+
+
+def test_fork_unsyncs_user_l1s() -> None:
+    counters = expected("fork")["counters"]
+    # children write their copy-on-write pages: user L1s go out of sync and
+    # are resynced at later CR3 writes (SHOPT_OUT_OF_SYNC is on by default)
+    assert counters["shadow_unsync"] > 0 and counters["shadow_resync"] > 0
+    # four children, the parent and the shell: more CR3 writes than seed's
+    assert counters["cr3_write_intercepted"] > expected("seed")["counters"][
+        "cr3_write_intercepted"
+    ]
