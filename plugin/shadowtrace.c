@@ -208,6 +208,7 @@ typedef struct {
 static const char *opt_out, *opt_ram;
 static uint64_t opt_ramsize;
 static bool opt_window_all;
+static bool opt_window_none;   /* window=none: never open (benchmarks) */
 static bool opt_dedup = true;
 static int opt_level = 1;
 static GPtrArray *opt_pairs;        /* key, value, key, value, ... */
@@ -1297,7 +1298,7 @@ static void vcpu_cpuid(unsigned int vcpu_index, void *udata)
         }
         memcpy(rec.cur->markers[rec.cur->n_markers], text, sizeof(text));
         emit(ST_KIND_MARKER, vcpu_index, 0, 0, 0, pc, rec.cur->n_markers++);
-        if (!opt_window_all && start && !rec.window_open) {
+        if (!opt_window_all && !opt_window_none && start && !rec.window_open) {
             window_open_locked(vcpu_index);
             reset = true;
         } else if (!opt_window_all && stop && rec.window_open) {
@@ -1872,8 +1873,11 @@ static int parse_options(int argc, char **argv)
                 opt_window_all = true;
             } else if (!strcmp(val, "markers")) {
                 opt_window_all = false;
+            } else if (!strcmp(val, "none")) {
+                opt_window_all = false;
+                opt_window_none = true;
             } else {
-                return fail("bad window '%s' (markers or all)", val);
+                return fail("bad window '%s' (markers, all or none)", val);
             }
         } else if (!strcmp(key, "dedup")) {
             if (!qemu_plugin_bool_parse(key, val, &opt_dedup)) {
