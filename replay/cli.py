@@ -78,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--policy", action="store_true")
     chk.add_argument("--no-dedup", action="store_true")
     chk.set_defaults(func=_check)
+
+    cut = sub.add_parser("cut", help="write a smaller valid trace of a range of events")
+    cut.add_argument("trace", type=Path)
+    cut.add_argument("--out", type=Path, required=True, help="the trace to write")
+    cut.add_argument("--from-marker", metavar="A",
+                     help="from the first marker A (name or full text), included")
+    cut.add_argument("--to-marker", metavar="B",
+                     help="through the first marker B after A, included")
+    cut.add_argument("--events", metavar="FROM:TO",
+                     help="event indexes FROM (included) to TO (excluded; empty: the end)")
+    cut.set_defaults(func=_cut)
+
+    plot = sub.add_parser("plot", help="draw a PNG timeline of a replay")
+    plot.add_argument("trace", type=Path)
+    plot.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    plot.add_argument("--config", type=Path, help="engine config (TOML or JSON)")
+    plot.add_argument("--bins", type=int, default=400, help="bins over event index (400)")
+    plot.add_argument("--size", default="12x8", metavar="WxH",
+                      help="image size in inches at 100 dpi (default 12x8)")
+    plot.set_defaults(func=_plot)
     return parser
 
 
@@ -329,6 +349,36 @@ def _check(args: argparse.Namespace) -> int:
             print(f"  {line}")
         return 1
     print(f"{args.trace}: as expected ({args.expect})")
+    return 0
+
+
+def _cut(args: argparse.Namespace) -> int:
+    """``shadowtrace cut``: see replay.cut."""
+    from .cut import cut_trace, parse_events
+
+    events = parse_events(args.events) if args.events is not None else None
+    res = cut_trace(args.trace, args.out, events=events, from_marker=args.from_marker,
+                    to_marker=args.to_marker)
+    print(f"{res.out}: events {res.first}:{res.end} of {args.trace} as {res.events} events "
+          f"(state prefix: {res.snapshots} frames, {len(res.cr3)} CR3; "
+          f"event {res.first} is now {res.base})")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    """``shadowtrace plot``: see replay.plot."""
+    from .errors import UsageError
+    from .plot import draw, series_for
+
+    try:
+        width, height = (float(x) for x in args.size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size {args.size!r}: expected WxH in inches, e.g. 12x8") from None
+    if args.bins < 1:
+        raise UsageError(f"--bins {args.bins}: must be at least 1")
+    series = series_for(args.trace, args.config, bins=args.bins)
+    draw(series, args.out, size=(width, height))
+    print(f"{args.out}: {series.events} events, {series.bins} bins")
     return 0
 
 
