@@ -21,7 +21,7 @@
  * blocks translated for the old state: that is accepted.
  *
  * Events. Inside the window every load and store becomes a READ or WRITE
- * event (va, pa from QEMU's own translation, pc of the instruction), every
+ * event (va; pa from QEMU's own translation; pc of the instruction), every
  * executed block a FETCH of the page it starts on (and one more when it
  * ends on the next page), with the pa from our own walk of the guest page
  * tables. "User mode" is decided from the pc: Linux keeps user code in the
@@ -45,16 +45,27 @@
  * one of the same kind (READ/WRITE/FETCH, user/kernel) to the same 4 KiB
  * page within the current epoch. A global epoch is bumped by every event
  * that can change a translation: CR3 writes on any vCPU, TABLE_WRITEs,
- * INVLPG, INVPCID, CR4 writes and window changes. Each vCPU has a small
+ * INVLPG, INVPCID, CR0/CR4 writes and window changes. Each vCPU has a
  * direct-mapped cache of (page, kind) -> epoch; a miss only records.
  * Stores into tracked frames are never dropped.
  *
- * Output. Events go into one global chunk buffer (one total order, under a
- * mutex, uncontended with -accel tcg,thread=single). A full chunk is handed
- * to a writer thread that delta/zigzag/byte-plane encodes and zstd
- * compresses the columns and packs the chunk as a msgpack map. There are
- * three chunk buffers; when none is free the vCPU waits for the writer
- * rather than dropping events. Execution callbacks never allocate.
+ * Two QEMU 10.0 facts the plugin API does not hide:
+ *  - Blocks are position independent on x86-64 (CF_PCREL): one translation
+ *    serves every virtual address of its physical code, and the addresses
+ *    given at translation are those of the first. block_pc() finds the
+ *    address a block really runs at (see there), and the pc of every event
+ *    is corrected by the same delta.
+ *  - With -accel tcg,thread=single and -smp > 1 the vcpu_index passed to
+ *    callbacks is that of the vCPU that translated the block, not of the
+ *    one running it. cur_vcpu() works around it (see there).
+ *
+ * Output. Events go into one global chunk buffer: one total order. Its
+ * lock is only taken when vCPUs run on several threads (MTTCG); with
+ * thread=single callbacks are serialised already. A full chunk is handed
+ * to encoder threads that delta/zigzag/byte-plane encode and zstd compress
+ * the columns in parallel and append the packed chunks to the file in
+ * order. When no chunk buffer is free the vCPU waits rather than dropping
+ * events. Execution callbacks never allocate.
  */
 
 #include <dlfcn.h>
@@ -143,6 +154,7 @@ typedef struct {
 typedef struct {
     uint64_t va;        /* virtual address at translation */
     uint64_t pa;        /* its guest-physical address, PA_UNKNOWN if not RAM */
+    uint64_t pa2;       /* that of its last instruction */
     bool two_pages;     /* ends on the next page */
 } TbDesc;
 
@@ -876,7 +888,10 @@ static void vcpu_refresh(VCpu *v)
 /* ---------------------------------------------------------------------- */
 /* Execution callbacks                                                    */
 
-/* Record one access: dedup, then walk and emit under the lock. */
+/*
+ * Dedup: true when this vCPU already made an access of this kind and mode
+ * to this page within the current epoch (then the access is dropped).
+ */
 static inline bool dedup_hit(VCpu *v, uint64_t va, unsigned int kind,
                              bool user)
 {
@@ -900,7 +915,13 @@ static inline bool dedup_hit(VCpu *v, uint64_t va, unsigned int kind,
     return false;
 }
 
-static void record_fetch(unsigned int vcpu_index, uint64_t page, uint64_t pc)
+/*
+ * One FETCH. pa is our walk's; where the walk finds no mapping (QEMU ran
+ * the block from a stale translation), the block's own physical page,
+ * known from QEMU's host address of its code (code_pa), if we have it.
+ */
+static void record_fetch(unsigned int vcpu_index, uint64_t page, uint64_t pc,
+                         uint64_t code_page)
 {
     VCpu *v = &vcpus[vcpu_index];
     bool user = pc < USER_TOP;
@@ -922,6 +943,9 @@ static void record_fetch(unsigned int vcpu_index, uint64_t page, uint64_t pc)
             pa = f->pa;
         } else {
             pa = walk_track(v, vcpu_index, page);
+            if (pa == PA_UNKNOWN && code_page != PA_UNKNOWN) {
+                pa = code_page & PAGE_MASK;
+            }
             f->page = page + 1;
             f->epoch = e;
             f->pa = pa;
@@ -987,9 +1011,9 @@ static void vcpu_tb_exec(unsigned int vcpu_index, void *udata)
     vcpu_index = cur_vcpu(vcpu_index);
     v = &vcpus[vcpu_index];
     pc = block_pc(v, t);
-    record_fetch(vcpu_index, pc & PAGE_MASK, pc);
+    record_fetch(vcpu_index, pc & PAGE_MASK, pc, t->pa);
     if (t->two_pages) {
-        record_fetch(vcpu_index, (pc & PAGE_MASK) + ST_PAGE_SIZE, pc);
+        record_fetch(vcpu_index, (pc & PAGE_MASK) + ST_PAGE_SIZE, pc, t->pa2);
     }
 }
 
@@ -1393,7 +1417,8 @@ static guint tb_hash(gconstpointer p)
 static gboolean tb_equal(gconstpointer a, gconstpointer b)
 {
     const TbDesc *x = a, *y = b;
-    return x->va == y->va && x->pa == y->pa && x->two_pages == y->two_pages;
+    return x->va == y->va && x->pa == y->pa && x->pa2 == y->pa2 &&
+           x->two_pages == y->two_pages;
 }
 
 /*
@@ -1607,6 +1632,8 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         TbDesc t = {
             .va = tb_va,
             .pa = code_pa(qemu_plugin_tb_get_insn(tb, 0)),
+            .pa2 = (qemu_plugin_insn_vaddr(last) & PAGE_MASK) !=
+                   (tb_va & PAGE_MASK) ? code_pa(last) : PA_UNKNOWN,
             .two_pages = (end & PAGE_MASK) != (tb_va & PAGE_MASK),
         };
 
@@ -1809,9 +1836,12 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
             encoders[i].running = false;
         }
     }
-    if (ws.failed || !write_footer() || fflush(out_file) != 0) {
-        fprintf(stderr, "shadowtrace plugin: writing %s failed: %s\n",
-                opt_out, strerror(errno));
+    if (ws.failed) {
+        fprintf(stderr, "shadowtrace plugin: %s has no footer (write error "
+                "above): the trace is truncated\n", opt_out);
+    } else if (!write_footer() || fflush(out_file) != 0) {
+        fprintf(stderr, "shadowtrace plugin: writing the footer of %s "
+                "failed: %s\n", opt_out, strerror(errno));
     }
     fclose(out_file);
     out_file = NULL;
@@ -1869,6 +1899,7 @@ static int parse_options(int argc, char **argv)
                 return fail("bad ramsize '%s' (bytes)", val);
             }
         } else if (!strcmp(key, "window")) {
+            opt_window_none = false;
             if (!strcmp(val, "all")) {
                 opt_window_all = true;
             } else if (!strcmp(val, "markers")) {
