@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import numpy.typing as npt
 import zstandard
@@ -10,6 +12,8 @@ _U64 = np.dtype("<u8")
 _U8 = np.dtype("u1")
 _ONE = np.uint64(1)
 _SHIFT = np.uint64(63)
+_local = threading.local()
+_SH8, _SH16, _SH32 = np.uint16(8), np.uint32(16), np.uint64(32)
 
 
 def encode_u8(values: npt.ArrayLike, level: int = 1) -> bytes:
@@ -37,10 +41,51 @@ def encode_u64(values: npt.ArrayLike, level: int = 1) -> bytes:
 def decode_u64(blob: bytes, n: int) -> npt.NDArray[np.uint64]:
     """Inverse of :func:`encode_u64`; ValueError if ``blob`` is not ``n`` values."""
     raw = _decompress(blob, 8 * n)
-    z = np.frombuffer(raw, dtype=_U8).reshape(8, n).T.copy().view(_U64).ravel()
-    with np.errstate(over="ignore"):
-        d = (z >> _ONE) ^ (0 - (z & _ONE))
-        return np.cumsum(d, dtype=_U64)
+    # Un-transpose the byte planes by widening pairs of planes (8 x u8 ->
+    # 4 x u16 -> 2 x u32 -> u64) with contiguous shifts and ORs: much faster
+    # than numpy's strided transposing copy. Everything after the first
+    # widening is in place, reusing buffers: fresh large temporaries cost
+    # page faults that used to dominate.
+    planes = np.frombuffer(raw, dtype=_U8).reshape(4, 2, n)
+    w16, w32 = _scratch(n)
+    w16[...] = planes[:, 1]
+    w16 <<= _SH8
+    w16 |= planes[:, 0]
+    pairs16 = w16.reshape(2, 2, n)
+    w32[...] = pairs16[:, 1]
+    w32 <<= _SH16
+    w32 |= pairs16[:, 0]
+    z = np.empty(n, dtype=_U64)
+    z[...] = w32[1]
+    z <<= _SH32
+    z |= w32[0]
+    # zigzag back: d = (z >> 1) ^ -(z & 1), then the running sum (mod 2**64)
+    neg = np.bitwise_and(z, _ONE, out=w16.reshape(-1).view(_U64))
+    np.negative(neg, out=neg)
+    z >>= _ONE
+    z ^= neg
+    return np.cumsum(z, dtype=_U64, out=z)
+
+
+def _scratch(n: int) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint32]]:
+    """Per-thread contiguous work buffers of :func:`decode_u64` for ``n``
+    values, (4, n) u16 and (2, n) u32: reused across calls, since fresh ones
+    cost a page fault per 4 KiB every time."""
+    bufs: tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint32]] | None
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or len(bufs[1]) < 2 * n:
+        size = max(n, 1 << 16)
+        bufs = (np.empty(4 * size, dtype=np.uint16), np.empty(2 * size, dtype=np.uint32))
+        _local.bufs = bufs
+    return bufs[0][: 4 * n].reshape(4, n), bufs[1][: 2 * n].reshape(2, n)
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (each call resets it; making one costs)."""
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
 
 
 def compress(data: bytes, level: int = 1) -> bytes:
@@ -62,7 +107,7 @@ def _decompress(blob: bytes, size: int) -> bytes:
         declared = zstandard.frame_content_size(blob)
         if declared not in (size, -1):
             raise ValueError(f"column declares {declared} bytes, expected {size}")
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max(size, 1))
+        raw = _decompressor().decompress(blob, max_output_size=max(size, 1))
     except zstandard.ZstdError as err:
         raise ValueError(f"bad zstd data: {err}") from err
     if len(raw) != size:

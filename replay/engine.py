@@ -68,6 +68,8 @@ class ShadowType(IntEnum):
 
 FL1, L1, L2, L3, L4 = (ShadowType.FL1, ShadowType.L1, ShadowType.L2, ShadowType.L3,
                        ShadowType.L4)
+#: ShadowType(level - 1) by level, without constructing enums per access.
+_BELOW: Final = (FL1, FL1, L1, L2, L3)
 #: A shadow's key: (guest frame number, type).
 Key = tuple[int, ShadowType]
 
@@ -271,6 +273,15 @@ class ShadowEngine:
         self._event = -1
         self._vcpu = 0
         self._facts_on = self.config.record_facts or on_fact is not None
+        #: Bumped whenever the shadows change in a way that may take a right
+        #: away (a present upper entry changes, a shadow is destroyed, ...):
+        #: while it stays, an access :meth:`access` found allowed stays
+        #: allowed on the same root (the Replayer's fast path) -- unless its
+        #: leaf entry is in ``leaf_log``, the (L1/FL1 shadow, index) of
+        #: present leaf entries changed since (a consumer may clear it; when
+        #: it grows long it is cleared and ``restrict_gen`` bumped instead).
+        self.restrict_gen = 0
+        self.leaf_log: list[tuple[Key, int]] = []
         if len(self.config.cr3_targets) > 4:
             self.hazards.append(Hazard(
                 -1, -1, "too-many-cr3-targets", 0,
@@ -298,6 +309,13 @@ class ShadowEngine:
         if stype is None:
             return set(self.shadows)
         return {k for k in self.shadows if k[1] == stype}
+
+    def access_token(self) -> tuple[object, ...]:
+        """What decides whether the shadows allow an access, short of the
+        access itself: equal tokens (with no restricting change between,
+        see ``restrict_gen``) mean an access allowed then is allowed now."""
+        return (self.restrict_gen,
+                *[None if v.xen_cr3 is None else self._hw_root(v) for v in self.vcpus])
 
     def is_page_table(self, frame: int) -> bool:
         """Xen's sh_mfn_is_a_page_table: the frame carries a shadow."""
@@ -386,6 +404,7 @@ class ShadowEngine:
         self._event = index
         self.counters["windows"] += 1
         self.guest.forget_all()
+        self.restrict_gen += 1
         self.shadows.clear()
         self.pins.clear()
         self.pt_types.clear()
@@ -525,9 +544,12 @@ class ShadowEngine:
             self.invlpg(index, vcpu, va)
 
     # -- accesses --------------------------------------------------------
-    def access(self, index: int, vcpu: int, kind: int, va: int, info: int, pa: int) -> None:
+    def access(self, index: int, vcpu: int, kind: int, va: int, info: int, pa: int) -> bool:
         """A recorded READ/WRITE/FETCH: nothing happens when the current
-        shadows allow it; otherwise a shadow fault (Xen's sh_page_fault)."""
+        shadows allow it; otherwise a shadow fault (Xen's sh_page_fault).
+
+        Returns True when the shadows allowed it (no fault, nothing changed
+        but the counters and the vCPU's last store)."""
         self._event, self._vcpu = index, vcpu
         c = self.counters
         c["accesses"] += 1
@@ -540,12 +562,13 @@ class ShadowEngine:
             self.mmio_frames.add(pa >> PAGE_SHIFT)
         if v.xen_cr3 is None:
             c["access_no_cr3"] += 1
-            return
+            return False
         fetch = kind == fmt.Kind.FETCH
         root = self._hw_root(v)
         if root is not None and self._allowed(root, va, write, user, fetch):
-            return
+            return True
         self._fault(v, vcpu, va, write, user, fetch)
+        return False
 
     def _allowed(self, root: Key, va: int, write: bool, user: bool, fetch: bool) -> bool:
         shadows = self.shadows
@@ -562,7 +585,7 @@ class ShadowEngine:
             if level == 2:
                 sh = shadows.get((frame, FL1 if e & SH_FL1 else L1))
             else:
-                sh = shadows.get((frame, ShadowType(level - 1)))
+                sh = shadows.get((frame, _BELOW[level]))
             level -= 1
         return False
 
@@ -890,7 +913,7 @@ class ShadowEngine:
         frame = (e & SH_ADDR) >> PAGE_SHIFT
         if level == 2:
             return (frame, FL1 if e & SH_FL1 else L1)
-        return (frame, ShadowType(level - 1))
+        return (frame, _BELOW[level])
 
     def _set_l1e(self, sh: Shadow, i: int, new: int, g: int, reason: str) -> None:
         old = sh.entries[i]
@@ -903,6 +926,8 @@ class ShadowEngine:
                 s.discard((key, i))
         if new & (SH_P | SH_RW) == SH_P | SH_RW:
             self.rw_maps.setdefault((new & SH_ADDR) >> PAGE_SHIFT, set()).add((key, i))
+        if old & SH_P:
+            self._leaf_changed(key, i)
         sh.entries[i] = new
         if self._facts_on:
             self._fact("propagated", sh.frame, int(sh.type), i, new, g, reason)
@@ -924,6 +949,8 @@ class ShadowEngine:
             if (level == 2 and child[1] == L1 and self.config.out_of_sync
                     and child[0] in self.oos_where):
                 self._resync(child[0])
+        if old & SH_P:
+            self.restrict_gen += 1
         sh.entries[i] = new
         if self._facts_on:
             self._fact("propagated", sh.frame, level, i, new, g, reason)
@@ -969,6 +996,7 @@ class ShadowEngine:
     def _destroy(self, sh: Shadow, reason: str) -> None:
         c = self.counters
         key = sh.key
+        self.restrict_gen += 1
         del self.shadows[key]
         self.pins.pop(key, None)
         if sh.type != FL1:
@@ -1048,6 +1076,7 @@ class ShadowEngine:
                 continue
             e = sh.entries[i]
             if e & SH_RW:
+                self._leaf_changed(key, i)
                 sh.entries[i] = e & ~SH_RW
                 self.counters["shadow_writeable"] += 1
                 if self._facts_on:
@@ -1175,6 +1204,23 @@ class ShadowEngine:
     def _vtlb_flush(self, v: VCpu) -> None:
         if self.config.virtual_tlb:
             v.vtlb = [None] * VTLB_ENTRIES
+
+    def _leaf_changed(self, key: Key, i: int) -> None:
+        """A present L1/FL1 shadow entry changes (see ``leaf_log``)."""
+        log = self.leaf_log
+        if len(log) >= 4096:
+            log.clear()
+            self.restrict_gen += 1
+        else:
+            log.append((key, i))
+
+    def allowed_leaf(self, vcpu: int, va: int) -> tuple[Key, int] | None:
+        """The leaf (L1/FL1 shadow, index) the hardware path of ``va`` on
+        ``vcpu`` ends at, if it reaches one (for ``leaf_log`` consumers)."""
+        path = self.shadow_path(vcpu, va)
+        if len(path) == 4:
+            return path[3][0], path[3][1]
+        return None
 
     def _fact(self, kind: str, frame: int, stype: int, index: int, value: int, guest: int,
               reason: str) -> None:

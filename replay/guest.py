@@ -41,6 +41,8 @@ ADDR_MASK: Final = 0x000F_FFFF_FFFF_F000
 #: CR3: PCID in bits 0..11, "no flush" in bit 63.
 CR3_ADDR_MASK: Final = ADDR_MASK
 
+_AD: Final = PTE_A | PTE_D
+
 #: :meth:`GuestMemory.translate` results that are not addresses.
 TRANSLATE_UNKNOWN: Final = -1
 TRANSLATE_UNMAPPED: Final = -2
@@ -132,12 +134,15 @@ class GuestMemory:
 
     Frames are ``bytearray`` pages keyed by frame number; reads and writes
     are ``struct`` operations on them. ``generation`` changes whenever any
-    entry or frame changes (callers may cache translations against it).
+    entry or frame changes; ``layout`` only when something other than
+    accessed/dirty bits does (callers may cache :meth:`translate` results
+    against it: A/D updates by walks cannot change a translation).
     """
 
     def __init__(self) -> None:
         self.frames: dict[int, bytearray] = {}
         self.generation = 0
+        self.layout = 0
         #: TABLE_WRITEs to frames we never saw (ignored).
         self.unknown_writes = 0
 
@@ -148,11 +153,13 @@ class GuestMemory:
             raise ValueError(f"snapshot of {len(page)} bytes, not {PAGE_SIZE}")
         self.frames[frame] = bytearray(page)
         self.generation += 1
+        self.layout += 1
 
     def forget_all(self) -> None:
         """WINDOW_OPEN: nothing we knew can be trusted any more."""
         self.frames.clear()
         self.generation += 1
+        self.layout += 1
 
     def known(self, frame: int) -> bool:
         return frame in self.frames
@@ -186,6 +193,8 @@ class GuestMemory:
         if old != value:
             _PACK(page, off, value)
             self.generation += 1
+            if (old ^ value) & ~_AD:
+                self.layout += 1
         return old
 
     def set_bits(self, frame: int, index: int, bits: int) -> None:
@@ -196,6 +205,8 @@ class GuestMemory:
         if old & bits != bits:
             _PACK(page, off, old | bits)
             self.generation += 1
+            if bits & ~old & ~_AD:
+                self.layout += 1
 
     # -- walking ---------------------------------------------------------
     def walk(

@@ -18,6 +18,15 @@ sequence, and give the same results. Dropping a repeat is safe for the
 engine: between two translation-changing events the second identical access
 finds the shadows the first one left (only other accesses ran in between).
 
+**Fast path.** Without an ``after_event`` observer, accesses between two
+other events are taken in bulk when the engine already found each of them
+allowed (same vCPU, kind, mode and page) on the same roots with no
+restricting shadow change since (:meth:`ShadowEngine.access_token`), and
+their translations already matched the walk with the same CR3s and table
+layout: the engine would change nothing but its counters and the vCPU's
+last store, so only those are updated. The results are the same as event
+by event.
+
 **Translation cross-check (C7).** For every access that reaches the engine
 and whose walk is known, the guest-physical page the trace recorded is
 compared with the walk of the reconstructed tables (before the engine sees
@@ -28,6 +37,7 @@ mismatch count is 0.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +47,7 @@ import numpy.typing as npt
 
 from . import format as fmt
 from .config import EngineConfig
-from .engine import ShadowEngine
+from .engine import ShadowEngine, VCpu
 from .guest import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
 from .reader import Chunk, TraceReader
 
@@ -46,6 +56,9 @@ EPOCH_KINDS: tuple[int, ...] = tuple(int(k) for k in (
     fmt.Kind.CR3_WRITE, fmt.Kind.TABLE_WRITE, fmt.Kind.INVLPG, fmt.Kind.INVPCID,
     fmt.Kind.CR4_WRITE, fmt.Kind.WINDOW_OPEN, fmt.Kind.WINDOW_CLOSE, fmt.Kind.CR3_CURRENT,
 ))
+#: kind -> bumps the epoch, as a lookup table (faster than np.isin).
+_EPOCH_LUT = np.zeros(256, dtype=bool)
+_EPOCH_LUT[list(EPOCH_KINDS)] = True
 _READ, _WRITE, _FETCH = int(fmt.Kind.READ), int(fmt.Kind.WRITE), int(fmt.Kind.FETCH)
 _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 _SNAPSHOT = int(fmt.Kind.SNAPSHOT)
@@ -109,6 +122,15 @@ class Replayer:
         self.stats = ReplayStats()
         #: Keys seen in the segment still open at the end of the last chunk.
         self._open: set[AccessKey] = set()
+        #: Fast path: access keys found allowed, per engine access token
+        #: (all of one ``restrict_gen``) ...
+        self._allowed: dict[tuple[object, ...], set[int]] = {}
+        self._allowed_gen = -1
+        #: Leaf (shadow key, index) -> the (set, key) entries relying on it.
+        self._by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]] = {}
+        #: ... and translation keys that matched, per (layout, CR3s).
+        self._matched: dict[tuple[object, ...], set[bytes]] = {}
+        self._matched_layout = -1
 
     # -- driving ---------------------------------------------------------
     def run(self, chunks: Iterable[Chunk]) -> ReplayStats:
@@ -140,7 +162,7 @@ class Replayer:
             keep = self._dedup_mask(chunk, is_access, next_kind)
         else:
             keep = np.ones(chunk.n, dtype=bool)
-            if np.isin(kind, EPOCH_KINDS).any():
+            if _EPOCH_LUT[kind].any():
                 self._open = set()  # a translation may change: a new segment
         st.deduplicated += int(chunk.n - keep.sum())
         self._loop(chunk, np.flatnonzero(keep))
@@ -151,7 +173,7 @@ class Replayer:
     ) -> npt.NDArray[np.bool_]:
         kind = chunk.kind
         n = chunk.n
-        seg = np.cumsum(np.isin(kind, EPOCH_KINDS))
+        seg = np.cumsum(_EPOCH_LUT[kind])
         idx = np.flatnonzero(is_access)
         page = chunk.va[idx] >> np.uint64(PAGE_SHIFT)
         user = (chunk.info[idx] & fmt.INFO_USER) != 0
@@ -161,7 +183,10 @@ class Replayer:
             | (kind[idx].astype(np.uint64) << np.uint64(1))
             | user.astype(np.uint64)
         )
-        order = np.lexsort((idx, page, small))
+        # sort by (small, page, idx): pages numbered densely so that one
+        # stable sort of a single 64-bit key does it (small < 2**33)
+        _, page_no = np.unique(page, return_inverse=True)
+        order = np.argsort((small << np.uint64(20)) | page_no.astype(np.uint64), kind="stable")
         s_small, s_page, s_idx = small[order], page[order], idx[order]
         first_sorted = np.ones(len(idx), dtype=bool)
         first_sorted[1:] = (s_small[1:] != s_small[:-1]) | (s_page[1:] != s_page[:-1])
@@ -208,6 +233,9 @@ class Replayer:
 
     # -- the per-event loop ------------------------------------------------
     def _loop(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
+        if self.engine.after_event is None and len(rows):
+            self._loop_fast(chunk, rows)
+            return
         eng = self.engine
         guest = eng.guest
         vcpus = eng.vcpus
@@ -233,17 +261,159 @@ class Replayer:
                         if model == TRANSLATE_UNMAPPED or model >> PAGE_SHIFT != pa >> PAGE_SHIFT:
                             self._mismatch(index, vcpu, va, pa, model)
                 eng.access(index, vcpu, kind, va, info, pa)
-            elif kind == _SNAPSHOT:
-                eng.process(kind, index, vcpu, info, va, pa, pc, val, chunk.page(val))
-            elif kind == _MARKER:
-                marker = chunk.markers[val]
-                st.markers.append((index, vcpu, marker))
-                eng.process(kind, index, vcpu, info, va, pa, pc, val, None, marker)
             else:
-                eng.process(kind, index, vcpu, info, va, pa, pc, val)
+                self._other(chunk, index, kind, vcpu, info, va, pa, pc, val)
             if hook is not None:
                 hook(index, kind, vcpu, info, va, pa, val,
                      chunk.markers[val] if kind == _MARKER else None)
+
+    def _other(self, chunk: Chunk, index: int, kind: int, vcpu: int, info: int, va: int,
+               pa: int, pc: int, val: int) -> None:
+        """Feed one event that is not an access."""
+        eng = self.engine
+        if kind == _SNAPSHOT:
+            eng.process(kind, index, vcpu, info, va, pa, pc, val, chunk.page(val))
+        elif kind == _MARKER:
+            marker = chunk.markers[val]
+            self.stats.markers.append((index, vcpu, marker))
+            eng.process(kind, index, vcpu, info, va, pa, pc, val, None, marker)
+        else:
+            eng.process(kind, index, vcpu, info, va, pa, pc, val)
+
+    def _tokens(self, c7_vcpus: list[VCpu]) -> tuple[set[int], set[bytes]]:
+        """The fast path's sets for the engine's state now (C7 looks at the
+        CR3s of ``c7_vcpus``, as the per-event loop does)."""
+        eng = self.engine
+        log = eng.leaf_log
+        if eng.restrict_gen != self._allowed_gen:
+            self._allowed = {}
+            self._by_leaf = {}
+            self._allowed_gen = eng.restrict_gen
+            log.clear()
+        elif log:
+            by_leaf = self._by_leaf
+            for leaf in log:
+                for ok, key in by_leaf.pop(leaf, ()):
+                    ok.discard(key)
+            log.clear()
+        ok_a = self._allowed.setdefault(eng.access_token(), set())
+        layout = eng.guest.layout
+        if layout != self._matched_layout:
+            self._matched = {}
+            self._matched_layout = layout
+        ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
+        return ok_a, ok_c
+
+    def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
+        """:meth:`_loop` without an observer: runs of accesses in bulk."""
+        eng = self.engine
+        guest = eng.guest
+        counters = eng.counters
+        # C7 reads the CR3s from the vCPU list as it was when the chunk
+        # started (a WINDOW_OPEN replaces the list), like the per-event loop
+        c7_vcpus = eng.vcpus
+        check = self.check_translation
+        st = self.stats
+        first = chunk.first
+        kind_k = chunk.kind[rows]
+        vcpu_k = chunk.vcpu[rows]
+        info_k = chunk.info[rows]
+        va_k = chunk.va[rows]
+        pa_k = chunk.pa[rows]
+        is_acc = kind_k <= _FETCH
+        # access key: page, vCPU, MMIO, kind, user (64 bits)
+        vpage = va_k >> np.uint64(PAGE_SHIFT)
+        akey = (
+            (vpage << np.uint64(12))
+            | (vcpu_k.astype(np.uint64) << np.uint64(4))
+            | ((info_k & fmt.INFO_IO) != 0).astype(np.uint64) << np.uint64(3)
+            | ((kind_k.astype(np.uint64) - np.uint64(1)) & np.uint64(3)) << np.uint64(1)
+            | ((info_k & fmt.INFO_USER) != 0).astype(np.uint64)
+        )
+        akeys: list[int] = akey.tolist()
+        ckeys: list[bytes] = []
+        if check:
+            # translation key: (page << 8 | vCPU, pa page) as 16 bytes
+            pair = np.empty((len(rows), 2), dtype=np.uint64)
+            pair[:, 0] = (vpage << np.uint64(8)) | vcpu_k
+            pair[:, 1] = pa_k >> np.uint64(PAGE_SHIFT)
+            ckeys = pair.view("V16").ravel().tolist()
+        L_i = rows.tolist()
+        L_kind = kind_k.tolist()
+        L_vcpu = vcpu_k.tolist()
+        L_info = info_k.tolist()
+        L_va = va_k.tolist()
+        L_pa = pa_k.tolist()
+        wpos = np.flatnonzero(kind_k == _WRITE).tolist()
+        bounds = np.flatnonzero(~is_acc).tolist()
+        bounds.append(len(rows))
+        size_mask = fmt.INFO_SIZE_MASK
+        user_bit = fmt.INFO_USER
+        io_bit = 1 << 3
+        a = 0
+        for b in bounds:
+            if b > a:
+                ok_a, ok_c = self._tokens(c7_vcpus)
+                if ok_a.issuperset(akeys[a:b]) and (not check or ok_c.issuperset(ckeys[a:b])):
+                    # every one allowed and translated as before: the engine
+                    # would only count them and note each vCPU's last store
+                    n = b - a
+                    counters["accesses"] += n
+                    if check:
+                        st.translations_checked += n
+                    lo, hi = bisect_left(wpos, a), bisect_left(wpos, b)
+                    if hi > lo:
+                        seen: set[int] = set()
+                        for t in range(hi - 1, lo - 1, -1):
+                            j = wpos[t]
+                            vc = L_vcpu[j]
+                            if vc not in seen:
+                                seen.add(vc)
+                                info = L_info[j]
+                                eng.vcpus[vc].last_store = (
+                                    L_va[j], info & size_mask or 8, bool(info & user_bit))
+                    eng._event, eng._vcpu = first + L_i[b - 1], L_vcpu[b - 1]
+                else:
+                    for j in range(a, b):
+                        index = first + L_i[j]
+                        vcpu, va, pa = L_vcpu[j], L_va[j], L_pa[j]
+                        if check:
+                            ck = ckeys[j]
+                            if ck in ok_c:
+                                st.translations_checked += 1
+                            else:
+                                cr3 = (c7_vcpus[vcpu].cr3 if vcpu < len(c7_vcpus)
+                                       else None)
+                                model = (TRANSLATE_UNKNOWN if cr3 is None
+                                         else guest.translate(cr3, va))
+                                if model == TRANSLATE_UNKNOWN:
+                                    st.translations_unknown += 1
+                                else:
+                                    st.translations_checked += 1
+                                    if (model == TRANSLATE_UNMAPPED
+                                            or model >> PAGE_SHIFT != pa >> PAGE_SHIFT):
+                                        self._mismatch(index, vcpu, va, pa, model)
+                                    else:
+                                        ok_c.add(ck)
+                        ak = akeys[j]
+                        if ak in ok_a:
+                            counters["accesses"] += 1
+                            kind, info = L_kind[j], L_info[j]
+                            if kind == _WRITE:
+                                eng.vcpus[vcpu].last_store = (
+                                    va, info & size_mask or 8, bool(info & user_bit))
+                            eng._event, eng._vcpu = index, vcpu
+                        elif eng.access(index, vcpu, L_kind[j], va, L_info[j], pa):
+                            leaf = eng.allowed_leaf(vcpu, va)
+                            if not ak & io_bit and leaf is not None:
+                                ok_a.add(ak)
+                                self._by_leaf.setdefault(leaf, []).append((ok_a, ak))
+                        else:
+                            ok_a, ok_c = self._tokens(c7_vcpus)
+            if b < len(L_i):
+                self._other(chunk, first + L_i[b], L_kind[b], L_vcpu[b], L_info[b], L_va[b],
+                            L_pa[b], int(chunk.pc[rows[b]]), int(chunk.val[rows[b]]))
+            a = b + 1
 
     def _mismatch(self, event: int, vcpu: int, va: int, trace_pa: int, model_pa: int) -> None:
         st = self.stats
