@@ -177,3 +177,18 @@ def test_allocated_page_walk_matches_qemu(captures: dict[str, Captured]) -> None
     line = re.search(rf"^{va:016x}: ([0-9a-f]{{16}}) ", tlb, re.MULTILINE)
     assert line is not None, "info tlb does not map the allocated page"
     assert mem.translate(cr3[0], va) == int(line.group(1), 16)
+
+
+def test_recapture_matches_stored_expectations(captures: dict[str, Captured]) -> None:
+    """A deterministic capture made now replays exactly like traces/seed.trace.
+
+    Deterministic captures (icount, fixed RTC, no KASLR, no RDRAND) record the
+    same events; only the header's file paths differ, and replay ignores them.
+    """
+    from qmp_tools.paths import TOP
+
+    from .conftest import run_cli
+
+    golden = TOP / "traces" / "seed.expected.json"
+    proc = run_cli("check", str(captures["dedup"].trace), "--expect", str(golden))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
