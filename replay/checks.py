@@ -937,11 +937,7 @@ def check_file(path: str | Path, specs: Iterable[Spec] = (), config: EngineConfi
     """Replay a trace file with the checks on; returns the finished checker."""
     with TraceReader(path, allow_truncated=allow_truncated) as reader:
         if config is None:
-            header = reader.header
-            config = EngineConfig(
-                vcpus=max(1, int(header.get("vcpus") or 1)),
-                ram_mib=max(1, int(header.get("ram_bytes") or (512 << 20)) >> 20),
-            )
+            config = EngineConfig.for_trace(reader.header)
         replayer = Replayer(ShadowEngine(config), dedup=dedup)
         checker = Checker(specs=specs, policy=policy)
         checker.attach(replayer)

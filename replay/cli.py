@@ -187,29 +187,9 @@ def _console_vas(trace: Path, regex: str) -> list[int]:
 
 def _engine_config(path: Path | None, header: dict[str, Any]) -> Any:
     """The config file's options over the trace header's vCPUs and RAM."""
-    import json
-    import tomllib
-
     from .config import EngineConfig
-    from .errors import UsageError
 
-    base: dict[str, Any] = {
-        "vcpus": max(1, int(header.get("vcpus") or 1)),
-        "ram_mib": max(1, int(header.get("ram_bytes") or (512 << 20)) >> 20),
-    }
-    if path is not None:
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise UsageError(f"{path}: cannot read: {err.strerror}") from err
-        try:
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (ValueError, tomllib.TOMLDecodeError) as err:
-            raise UsageError(f"{path}: {err}") from err
-        if not isinstance(data, dict):
-            raise UsageError(f"{path}: not a table of options")
-        base.update(data)
-    cfg = EngineConfig.from_dict(base)
+    cfg = EngineConfig.for_trace(header, path)
     # the fact log would grow with the trace: consumers take facts as they come
     cfg.record_facts = False
     return cfg

@@ -154,18 +154,20 @@ class EngineConfig:
     @classmethod
     def load(cls, path: str | Path) -> EngineConfig:
         """Read a ``.toml`` or ``.json`` file."""
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as err:
-            raise UsageError(f"{p}: cannot read: {err.strerror}") from err
-        try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        except (ValueError, tomllib.TOMLDecodeError) as err:
-            raise UsageError(f"{p}: {err}") from err
-        if not isinstance(data, dict):
-            raise UsageError(f"{p}: not a table of options")
-        return cls.from_dict(data)
+        return cls.from_dict(read_options(path))
+
+    @classmethod
+    def for_trace(
+        cls, header: dict[str, Any], path: str | Path | None = None
+    ) -> EngineConfig:
+        """The trace header's vCPUs and RAM, with a config file's options over them."""
+        base: dict[str, Any] = {
+            "vcpus": max(1, int(header.get("vcpus") or 1)),
+            "ram_mib": max(1, int(header.get("ram_bytes") or (512 << 20)) >> 20),
+        }
+        if path is not None:
+            base.update(read_options(path))
+        return cls.from_dict(base)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -182,3 +184,19 @@ def _int(value: Any, key: str) -> int:
         except ValueError:
             pass
     raise UsageError(f"option {key!r} must be a number, not {value!r}")
+
+
+def read_options(path: str | Path) -> dict[str, Any]:
+    """The options of a ``.toml`` or ``.json`` config file; UsageError if unreadable."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise UsageError(f"{p}: cannot read: {err.strerror}") from err
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise UsageError(f"{p}: {err}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{p}: not a table of options")
+    return data

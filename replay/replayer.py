@@ -433,11 +433,7 @@ def replay_file(
     default to the trace header's when no config is given."""
     with TraceReader(path, allow_truncated=allow_truncated) as reader:
         if config is None:
-            header = reader.header
-            config = EngineConfig(
-                vcpus=max(1, int(header.get("vcpus") or 1)),
-                ram_mib=max(1, int(header.get("ram_bytes") or (512 << 20)) >> 20),
-            )
+            config = EngineConfig.for_trace(reader.header)
         replayer = Replayer(ShadowEngine(config), dedup=dedup)
         stats = replayer.run(reader)
         return replayer.engine, stats
