@@ -63,6 +63,7 @@ _READ, _WRITE, _FETCH = int(fmt.Kind.READ), int(fmt.Kind.WRITE), int(fmt.Kind.FE
 _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 _SNAPSHOT = int(fmt.Kind.SNAPSHOT)
 _MARKER = int(fmt.Kind.MARKER)
+_WINDOW_OPEN = int(fmt.Kind.WINDOW_OPEN)
 
 #: Access key within a segment: (vcpu, kind, user, page).
 AccessKey = tuple[int, int, int, int]
@@ -263,6 +264,8 @@ class Replayer:
                 eng.access(index, vcpu, kind, va, info, pa)
             else:
                 self._other(chunk, index, kind, vcpu, info, va, pa, pc, val)
+                if kind == _WINDOW_OPEN:
+                    vcpus = eng.vcpus  # the window replaced the vCPU list
             if hook is not None:
                 hook(index, kind, vcpu, info, va, pa, val,
                      chunk.markers[val] if kind == _MARKER else None)
@@ -309,8 +312,8 @@ class Replayer:
         eng = self.engine
         guest = eng.guest
         counters = eng.counters
-        # C7 reads the CR3s from the vCPU list as it was when the chunk
-        # started (a WINDOW_OPEN replaces the list), like the per-event loop
+        # C7 reads the CR3s from the current vCPU list (a WINDOW_OPEN
+        # replaces it), like the per-event loop
         c7_vcpus = eng.vcpus
         check = self.check_translation
         st = self.stats
@@ -413,6 +416,8 @@ class Replayer:
             if b < len(L_i):
                 self._other(chunk, first + L_i[b], L_kind[b], L_vcpu[b], L_info[b], L_va[b],
                             L_pa[b], int(chunk.pc[rows[b]]), int(chunk.val[rows[b]]))
+                if L_kind[b] == _WINDOW_OPEN:
+                    c7_vcpus = eng.vcpus  # the window replaced the vCPU list
             a = b + 1
 
     def _mismatch(self, event: int, vcpu: int, va: int, trace_pa: int, model_pa: int) -> None:
