@@ -16,9 +16,16 @@ cp -r "$src"/. "$work/src/"
 cp "$top/scenarios/common/stmark.h" "$work/src/"
 
 if [ -f "$work/src/Kbuild" ]; then
-    make -s -C "/lib/modules/$kver/build" M="$work/src" modules >"$work/kbuild.log" 2>&1 ||
+    # Build at a fixed path: paths end up in the module's debug info and
+    # build-id, and a guest that loads a different .ko runs differently, so
+    # deterministic captures would differ between checkouts.
+    kb=/var/tmp/shadowtrace-kbuild/$name
+    rm -rf "$kb" && mkdir -p "$kb" && cp -r "$work/src"/. "$kb/"
+    make -s -C "/lib/modules/$kver/build" M="$kb" modules >"$work/kbuild.log" 2>&1 ||
         { echo "build-scenario: module build of '$name' failed (see $work/kbuild.log)" >&2; exit 1; }
-    cp "$work/src"/*.ko "$root/scenario/"
+    cp "$kb"/*.ko "$work/src/"
+    cp "$kb"/*.ko "$root/scenario/"
+    rm -rf "$kb"
 fi
 cflags=(-static -O2 -Wall -I"$top/scenarios/common")
 for c in "$top"/scenarios/common/user/*.c "$src"/user/*.c; do
@@ -30,5 +37,7 @@ cp /bin/busybox "$root/bin/busybox"
 cp "$top/guest/init" "$root/init"
 cp "$src/steps.sh" "$root/scenario/steps.sh"
 echo "$name" > "$root/scenario/name"
+# Same bytes from every checkout: fixed timestamps, sorted names, gzip -n.
+find "$root" -exec touch -h -d @0 {} +
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible | gzip -9n) > "$build/guest/$name.cpio.gz.tmp"
 mv "$build/guest/$name.cpio.gz.tmp" "$build/guest/$name.cpio.gz"
