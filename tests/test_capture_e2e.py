@@ -192,3 +192,16 @@ def test_recapture_matches_stored_expectations(captures: dict[str, Captured]) ->
     golden = TOP / "traces" / "seed.expected.json"
     proc = run_cli("check", str(captures["dedup"].trace), "--expect", str(golden))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_recapture_private_root_matches_stored_expectations(tmp_path: Path) -> None:
+    """private-root too: its module's own CR3 switches and secure markers
+    replay to the stored counters, shadows, findings and timeline."""
+    from qmp_tools.paths import TOP
+
+    from .conftest import capture, run_cli
+
+    cap = capture(tmp_path, "private-root", "--scenario", "private-root", "--deterministic")
+    golden = TOP / "traces" / "private-root.expected.json"
+    proc = run_cli("check", str(cap.trace), "--expect", str(golden))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
