@@ -45,24 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("replay", help="replay a trace through the shadow engine")
     rep.add_argument("trace", type=Path)
-    rep.add_argument("--config", type=Path, help="engine config (TOML or JSON)")
-    rep.add_argument("--watch", action="append", default=[], metavar="VA",
-                     help="follow the shadow path of this VA (hex; repeatable)")
-    rep.add_argument("--watch-console", nargs="?", const=DEFAULT_CONSOLE_REGEX,
-                     metavar="REGEX",
-                     help="watch the hex VA in group 1 of REGEX on the console log beside "
-                     f"the trace (default {DEFAULT_CONSOLE_REGEX!r})")
+    _add_replay_options(rep)
     rep.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     rep.add_argument("--parquet", type=Path, metavar="DIR",
                      help="write events.parquet and shadows.parquet into DIR")
     rep.add_argument("--allow-truncated", action="store_true",
                      help="replay the valid prefix of a trace without footer")
-    rep.add_argument("--no-dedup", action="store_true",
-                     help="feed every access to the engine (no canonical dedup)")
-    rep.add_argument("--secure", action="append", default=[], metavar="SPEC",
-                     help="register secure memory for the checks (repeatable)")
-    rep.add_argument("--policy", action="store_true",
-                     help="checks in policy mode (refuse secure mappings outside secure roots)")
     rep.set_defaults(func=_replay)
 
     chk = sub.add_parser("check", help="replay a trace and compare with stored expectations")
@@ -71,12 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="expectation file (JSON: replay options and expected results)")
     chk.add_argument("--update", action="store_true",
                      help="rewrite FILE from this replay (keeps FILE's options if it exists)")
-    chk.add_argument("--config", type=Path, help="with --update on a new FILE: engine config")
-    chk.add_argument("--watch", action="append", default=[], metavar="VA")
-    chk.add_argument("--watch-console", nargs="?", const=DEFAULT_CONSOLE_REGEX, metavar="REGEX")
-    chk.add_argument("--secure", action="append", default=[], metavar="SPEC")
-    chk.add_argument("--policy", action="store_true")
-    chk.add_argument("--no-dedup", action="store_true")
+    _add_replay_options(chk)  # used with --update on a new FILE; FILE's win otherwise
     chk.set_defaults(func=_check)
 
     cut = sub.add_parser("cut", help="write a smaller valid trace of a range of events")
@@ -99,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="image size in inches at 100 dpi (default 12x8)")
     plot.set_defaults(func=_plot)
     return parser
+
+
+def _add_replay_options(parser: argparse.ArgumentParser) -> None:
+    """What the engine, the timeline and the checks replay with (replay, check)."""
+    parser.add_argument("--config", type=Path, help="engine config (TOML or JSON)")
+    parser.add_argument("--watch", action="append", default=[], metavar="VA",
+                        help="follow the shadow path of this VA (hex; repeatable)")
+    parser.add_argument("--watch-console", nargs="?", const=DEFAULT_CONSOLE_REGEX,
+                        metavar="REGEX",
+                        help="watch the hex VA in group 1 of REGEX on the console log beside "
+                        f"the trace (default {DEFAULT_CONSOLE_REGEX!r})")
+    parser.add_argument("--no-dedup", action="store_true",
+                        help="feed every access to the engine (no canonical dedup)")
+    parser.add_argument("--secure", action="append", default=[], metavar="SPEC",
+                        help="register secure memory for the checks (repeatable)")
+    parser.add_argument("--policy", action="store_true",
+                        help="checks in policy mode (refuse secure mappings outside secure roots)")
 
 
 #: --watch-console's default: the seed module's printk.
