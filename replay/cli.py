@@ -291,6 +291,7 @@ CHECK_OPTIONS: dict[str, Any] = {
 def _check(args: argparse.Namespace) -> int:
     """Replay TRACE with the options stored in FILE and compare the results."""
     import json
+    import os
 
     from .errors import UsageError
     from .golden import compare, expectation
@@ -307,14 +308,18 @@ def _check(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.expect}: no such file (use --update to write it)")
     else:
         options = {k: getattr(args, k) for k in CHECK_OPTIONS}
-        options["config"] = str(args.config) if args.config else None
+        # kept relative to the expectation file, so the pair can move together
+        options["config"] = (
+            os.path.relpath(args.config.resolve(), args.expect.resolve().parent)
+            if args.config else None
+        )
         expected = None
     replay_args = argparse.Namespace(
         trace=args.trace, json=None, parquet=None, allow_truncated=False,
         **{k: options.get(k, default) for k, default in CHECK_OPTIONS.items()},
     )
     if replay_args.config is not None:
-        replay_args.config = Path(replay_args.config)
+        replay_args.config = args.expect.parent / replay_args.config
     got = json.loads(json.dumps(expectation(_replay_doc(replay_args)), default=str))
     if args.update:
         args.expect.write_text(

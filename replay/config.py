@@ -11,6 +11,7 @@ a JSON file or a TOML file with the same keys (lower case, no prefix)::
     ram_mib = 512
     pool_pages = 2048               # omit for libxl's default
     cr3_targets = ["0x1234000"]     # roots whose CR3 writes do not exit
+    cr3_targets_active = "secure"   # listed only while a secure-root is registered
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ SHADOW_OOS_PAGES: Final = 3
 VTLB_ENTRIES: Final = 13
 #: The most CR3-target values VMX hardware offers (we model 4).
 CR3_TARGET_MAX: Final = 4
+#: When the CR3-target list is in force: from the start, or only between a
+#: ``secure-root`` marker and the next ``secure-end`` (a hypervisor that
+#: programs the list when the guest registers its secure address space).
+CR3_TARGETS_ACTIVE: Final = ("always", "secure")
 #: Smallest pool Xen accepts (pages), see shadow_set_allocation callers.
 MIN_POOL_PAGES: Final = 1024
 
@@ -76,6 +81,8 @@ class EngineConfig:
     prefetch_distance: int = PREFETCH_DISTANCE
     #: CR3 values (PCID bits ignored) whose writes are not intercepted.
     cr3_targets: list[int] = field(default_factory=list)
+    #: One of :data:`CR3_TARGETS_ACTIVE`.
+    cr3_targets_active: str = "always"
     #: Keep the structured fact log (turn off for speed when unused).
     record_facts: bool = True
 
@@ -108,6 +115,11 @@ class EngineConfig:
             raise UsageError(f"ram_mib must be at least 1, not {self.ram_mib}")
         if self.pool_pages is not None and self.pool_pages < 1:
             raise UsageError(f"pool_pages must be positive, not {self.pool_pages}")
+        if self.cr3_targets_active not in CR3_TARGETS_ACTIVE:
+            raise UsageError(
+                f"cr3_targets_active must be one of {', '.join(CR3_TARGETS_ACTIVE)},"
+                f" not {self.cr3_targets_active!r}"
+            )
         if not 1 <= self.prefetch_distance <= 512:
             raise UsageError(f"prefetch_distance must be 1..512, not {self.prefetch_distance}")
 
@@ -143,6 +155,10 @@ class EngineConfig:
                 if not isinstance(value, list):
                     raise UsageError("cr3_targets must be a list")
                 kw[name] = [_int(v, "cr3_targets") for v in value]
+            elif name == "cr3_targets_active":
+                if not isinstance(value, str):
+                    raise UsageError("option 'cr3_targets_active' must be a string")
+                kw[name] = value
             elif name == "pool_pages" and value is None:
                 kw[name] = None
             else:

@@ -106,7 +106,9 @@ class Fact(NamedTuple):
     kind: ``created`` / ``destroyed`` (a shadow: frame, type), ``propagated``
     (entry number ``entry`` of shadow (frame, type) became ``value`` from guest entry
     ``guest``), ``pinned`` / ``unpinned``, ``unsynced`` / ``resynced`` (an OOS
-    L1 frame), ``guest-fault`` (walk failed), ``reset`` (window opened).
+    L1 frame), ``guest-fault`` (walk failed), ``reset`` (window opened),
+    ``cr3-targets`` (the CR3-target list came into force, reason ``on``, with
+    ``guest`` roots, or was cleared, ``off``).
     reason: ``cr3``, ``demand``, ``prefetch``, ``validate``, ``resync``,
     ``refcount``, ``user-write``, ``early-unshadow``, ``pool``, ``invlpg``,
     ``window``, ``l3-toplevel`` ...
@@ -269,7 +271,9 @@ class ShadowEngine:
         self.mmio_frames: set[int] = set()
         self.l3_pinning = self.config.linux_l3_toplevel
         self.pool_total = self.config.pool
-        self._targets = self.config.target_roots()
+        #: Roots whose CR3 writes do not exit, as now in force.
+        self._targets = (self.config.target_roots()
+                         if self.config.cr3_targets_active == "always" else frozenset())
         self._event = -1
         self._vcpu = 0
         self._facts_on = self.config.record_facts or on_fact is not None
@@ -388,6 +392,8 @@ class ShadowEngine:
             self.window_open(index)
         elif kind == fmt.Kind.MARKER:
             self.counters["markers"] += 1
+            if marker and self.config.cr3_targets_active == "secure":
+                self._secure_marker(marker[0])
         elif kind == fmt.Kind.WINDOW_CLOSE:
             pass
         else:
@@ -415,6 +421,17 @@ class ShadowEngine:
         self.l3_pinning = self.config.linux_l3_toplevel
         self.vcpus = [VCpu() for _ in range(self.config.vcpus)]
         self._fact("reset", -1, -1, -1, 0, 0, "window")
+
+    def _secure_marker(self, name: str) -> None:
+        """``cr3_targets_active = "secure"``: the hypervisor programs the
+        CR3-target list when a secure root is registered and clears it when
+        the registrations end."""
+        if name == fmt.MARKER_SECURE_ROOT and not self._targets:
+            self._targets = self.config.target_roots()
+            self._fact("cr3-targets", -1, -1, -1, 0, len(self._targets), "on")
+        elif name == fmt.MARKER_SECURE_END and self._targets:
+            self._targets = frozenset()
+            self._fact("cr3-targets", -1, -1, -1, 0, 0, "off")
 
     # -- CR3 -------------------------------------------------------------
     def cr3_current(self, index: int, vcpu: int, cr3: int) -> None:

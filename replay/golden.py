@@ -2,7 +2,7 @@
 
 ``expectation(doc)`` keeps what a behaviour change must not move silently:
 every counter, shadows by type, the C7 count, findings by check and
-severity, and for each watched VA the answer and the event and reason of
+severity (C6 also by hazard kind), and for each watched VA the answer and the event and reason of
 each level of its first shadow path. ``compare`` lists the differences as
 readable lines (``counters.shadow_fault: expected 120, got 121``).
 """
@@ -17,6 +17,9 @@ def expectation(doc: dict[str, Any]) -> dict[str, Any]:
     findings: dict[str, int] = {}
     for f in doc.get("findings") or []:
         key = f"{f['check']}/{f['severity']}"
+        if f["check"] == "C6" and f.get("kind"):
+            # which hazard an exit-less switch left is the point of C6
+            key += f"/{f['kind']}"
         findings[key] = findings.get(key, 0) + 1
     timelines = []
     for tl in doc.get("timelines") or []:

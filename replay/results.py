@@ -295,7 +295,7 @@ def build(
 
 def finding_json(f: Any, namer: Namer | None = None) -> dict[str, Any]:
     """A checks Finding (check, severity, event, vcpu, cr3, va, frames, path,
-    message) as JSON; unknown attributes become null."""
+    message, kind, count) as JSON; unknown attributes become null."""
     def get(name: str) -> Any:
         return getattr(f, name, None) if not isinstance(f, dict) else f.get(name)
     frames = get("frames") or []
@@ -310,6 +310,8 @@ def finding_json(f: Any, namer: Namer | None = None) -> dict[str, Any]:
         "frames": [hx(x) if isinstance(x, int) else x for x in frames],
         "path": _jsonable(list(path)) if isinstance(path, (list, tuple)) else path,
         "message": get("message"),
+        "kind": get("kind") or "",
+        "count": get("count") or 1,
     }
 
 

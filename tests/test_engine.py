@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from replay import format as fmt
 from replay.config import EngineConfig
 from replay.engine import (
@@ -22,6 +24,7 @@ from replay.engine import (
     SH_RW,
     ShadowEngine,
 )
+from replay.errors import UsageError
 from replay.guest import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, va_index
 
 from .test_guest import DATA, GuestTables, dm
@@ -484,6 +487,43 @@ def test_cr3_target_list_records_hazards() -> None:
     assert d2.c["cr3_write_intercepted"] == 1  # only the first one
     assert d2.e.vcpus[0].slot == (root, L4)  # the reference stays on the old root
     assert d2.e.is_out_of_sync(l1)  # nothing resynced
+
+
+def test_cr3_targets_active_only_while_secure_root_registered() -> None:
+    t = GuestTables()
+    normal = t.new()
+    t.map(normal, U, 0x1000, DATA)
+    private = t.new()
+    t.map(private, U, 0x1001, DATA)
+    d = Driver(cr3_targets=[normal << 12, private << 12], cr3_targets_active="secure")
+
+    def marker(*words: str) -> None:
+        d.e.process(K.MARKER, d.i, 0, 0, 0, 0, 0, 0, None, list(words))
+        d.i += 1
+
+    d.load(t)
+    d.cr3(normal)  # before registration: an ordinary, intercepted write
+    d.read(U, user=True)
+    marker("secure-root", hex(private << 12))
+    d.cr3(private)  # listed now: no exit
+    d.cr3(normal)  # listed too: no exit
+    marker("secure-end")
+    d.cr3(private)  # the list is cleared again: intercepted
+    # 1 before the registration + 1 after it ended; the 2 inside it are not
+    assert d.c["cr3_write_intercepted"] == 2
+    assert d.c["cr3_write_not_intercepted"] == 2
+    # the private root was never shadowed when the hardware switched to it
+    assert [h.kind for h in d.e.hazards if h.kind == "no-shadow-for-target"] == [
+        "no-shadow-for-target"
+    ]
+    # the write after secure-end is served by Xen: the private root's L4
+    # shadow exists now and the slot holds it
+    assert d.e.vcpus[0].slot == (private, L4)
+
+
+def test_cr3_targets_active_must_be_known() -> None:
+    with pytest.raises(UsageError, match="cr3_targets_active"):
+        EngineConfig.from_dict({"cr3_targets_active": "sometimes"})
 
 
 def test_too_many_cr3_targets_is_reported() -> None:

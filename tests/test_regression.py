@@ -17,6 +17,9 @@ from .conftest import run_cli
 
 TRACES = TOP / "traces"
 EXPECTED = sorted(TRACES.glob("*.expected.json"))
+#: traces/variants/TRACE+CONFIG.expected.json: TRACE replayed with
+#: traces/configs/CONFIG.toml (the file's options name it).
+VARIANTS = sorted((TRACES / "variants").glob("*.expected.json"))
 
 
 def expected(name: str) -> dict:
@@ -31,9 +34,25 @@ def test_every_trace_has_expectations() -> None:
     assert {"seed", "private-root", "shared-l1", "secretmem", "vmalloc", "fork"} <= traces
 
 
-@pytest.mark.parametrize("golden", EXPECTED, ids=lambda p: p.name.split(".")[0])
+def _trace_of(golden: Path) -> Path:
+    name = golden.name.removesuffix(".expected.json").split("+")[0]
+    return TRACES / f"{name}.trace"
+
+
+def test_every_variant_names_a_trace_and_its_config() -> None:
+    assert VARIANTS  # the configuration replays below need them
+    for golden in VARIANTS:
+        assert _trace_of(golden).exists(), golden.name
+        config = json.loads(golden.read_text())["options"]["config"]
+        variant = golden.name.removesuffix(".expected.json").split("+")[1]
+        assert (golden.parent / config).resolve() == TRACES / "configs" / f"{variant}.toml"
+
+
+@pytest.mark.parametrize(
+    "golden", EXPECTED + VARIANTS, ids=lambda p: p.name.removesuffix(".expected.json")
+)
 def test_trace_replays_as_expected(golden: Path, request: pytest.FixtureRequest) -> None:
-    trace = golden.with_name(golden.name.removesuffix(".expected.json") + ".trace")
+    trace = _trace_of(golden)
     args = ["check", str(trace), "--expect", str(golden)]
     if request.config.getoption("--update-golden"):
         args.append("--update")
@@ -116,3 +135,87 @@ def test_fork_unsyncs_user_l1s() -> None:
     assert counters["cr3_write_intercepted"] > expected("seed")["counters"][
         "cr3_write_intercepted"
     ]
+
+
+def variant(name: str) -> dict:
+    return json.loads((TRACES / "variants" / f"{name}.expected.json").read_text())["expected"]
+
+
+def c6(exp: dict) -> dict[str, int]:
+    """C6 findings by 'severity/hazard kind'."""
+    return {k.removeprefix("C6/"): v for k, v in exp["findings"].items() if k.startswith("C6/")}
+
+
+#: private-root with the CR3-target list (both roots, in force from the
+#: secure-root marker to secure-end) and which of OOS / vTLB are on.
+TARGET_CONFIGS = {
+    "targets": (True, True),
+    "targets-no-oos": (False, True),
+    "targets-no-vtlb": (True, False),
+    "targets-no-oos-no-vtlb": (False, False),
+}
+
+
+def test_private_root_default_config_has_no_exitless_switch() -> None:
+    base = expected("private-root")
+    # no CR3-target list: Xen intercepts every CR3 write, nothing is stale
+    assert base["counters"]["cr3_write_not_intercepted"] == 0
+    assert c6(base) == {}
+
+
+@pytest.mark.parametrize("name", TARGET_CONFIGS)
+def test_private_root_c6_per_configuration(name: str) -> None:
+    oos, vtlb = TARGET_CONFIGS[name]
+    base = expected("private-root")
+    exp = variant(f"private-root+{name}")
+    found = c6(exp)
+    # 4 passes, each a switch to the private root and one back, all while
+    # the list is in force: 8 exit-less writes, every other one intercepted
+    assert exp["counters"]["cr3_write_not_intercepted"] == 8
+    assert (
+        exp["counters"]["cr3_write_intercepted"]
+        == base["counters"]["cr3_write_intercepted"] - 8
+    )
+    # Xen never saw the private root loaded, so it has no shadow for it:
+    # the first switch runs on nothing Xen built (high), and the module's
+    # first access faults into a Xen that walks the normal root instead
+    assert found["high/no-shadow-for-target"] == 1
+    assert found["info/fault-on-stale-root"] == 1
+    # OOS L1s left stale by the switch (there and back: 2 roots) only with
+    # SHOPT_OUT_OF_SYNC; live vTLB entries only with SHOPT_VIRTUAL_TLB
+    assert found.get("high/oos-stale", 0) == (2 if oos else 0)
+    assert found.get("high/vtlb-live", 0) == (2 if vtlb else 0)
+    # C5 (the private tables are writable through every root's direct map)
+    # is a property of the guest, not of Xen's configuration
+    assert exp["findings"]["C5/critical"] == base["findings"]["C5/critical"]
+    assert exp["c7_mismatches"] == 0
+
+
+def test_private_root_targets_listed_from_the_start() -> None:
+    exp = variant("private-root+targets-always")
+    # listed from the window's start, the normal root's writes outside the
+    # module exit-lessly too (exec, context switches): more than the 8
+    assert exp["counters"]["cr3_write_not_intercepted"] > 8
+    # and the normal root itself is first loaded before Xen shadowed it
+    assert c6(exp)["high/no-shadow-for-target"] == 2
+
+
+def test_fork_pool_pressure() -> None:
+    base = expected("fork")["counters"]
+    p64 = variant("fork+pool-64")["counters"]
+    p48 = variant("fork+pool-48")["counters"]
+    # the default pool (libxl's size for the guest) never runs short
+    assert base["shadow_evicted"] == 0 and base["shadow_prealloc_1"] == 0
+    # 64 pages < 70 live shadows + 3 OOS snapshot pages (3 per vCPU, the
+    # trace has 1): unpinning least recently pinned shadows is enough
+    assert p64["shadow_evicted"] > 0
+    assert p64["shadow_prealloc_1"] > 0 and p64["shadow_prealloc_2"] == 0
+    # 48 pages: unpinning is not enough, the current roots' shadows are
+    # unhooked too, and the same tables are shadowed again and again
+    assert p48["shadow_prealloc_2"] > 0
+    assert p48["shadow_created"] > 10 * base["shadow_created"]
+    for name in ("fork+pool-64", "fork+pool-48"):
+        exp = variant(name)
+        assert exp["c7_mismatches"] == 0  # the guest's own walks do not change
+        # the pool holds the live shadows and the 3 OOS snapshot pages
+        assert exp["shadows"]["total"]["live"] <= int(name.split("-")[-1]) - 3
