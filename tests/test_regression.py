@@ -181,6 +181,13 @@ def test_private_root_c6_per_configuration(name: str) -> None:
     # first access faults into a Xen that walks the normal root instead
     assert found["high/no-shadow-for-target"] == 1
     assert found["info/fault-on-stale-root"] == 1
+    # ... where the private VA is unmapped: each of the module's 8 accesses
+    # to it (a write and a read per pass) is a fault Xen would reflect to
+    # the guest, and the VA's shadow is never built (base: 0 such faults)
+    assert base["counters"]["shadow_fault_bail_real_fault"] == 0
+    assert exp["counters"]["shadow_fault_bail_real_fault"] == 8
+    (timeline,) = exp["timelines"]
+    assert timeline["answer"]["when"] == "never"
     # OOS L1s left stale by the switch (there and back: 2 roots) only with
     # SHOPT_OUT_OF_SYNC; live vTLB entries only with SHOPT_VIRTUAL_TLB
     assert found.get("high/oos-stale", 0) == (2 if oos else 0)
