@@ -12,7 +12,7 @@ src=$top/scenarios/$name
 work=$build/scenarios/$name
 root=$work/root
 rm -rf "$work" && mkdir -p "$work/src" "$root"/{bin,proc,sys,dev,scenario}
-cp -r "$src"/. "$work/src/"
+cp -rL "$src"/. "$work/src/"  # -L: a scenario may link files of another
 cp "$top/scenarios/common/stmark.h" "$work/src/"
 
 if [ -f "$work/src/Kbuild" ]; then

@@ -1,0 +1,1 @@
+../reserved-root/reserved_root.c
