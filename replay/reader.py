@@ -8,7 +8,12 @@ naming the path, chunk, event and byte offset.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +29,81 @@ from .errors import TraceFormatError, TraceVersionError
 #: Largest msgpack object accepted: a full chunk with every event a snapshot
 #: is about CHUNK_EVENTS * 4 KiB compressed to much less; allow 1 GiB.
 _MAX_OBJECT = 1 << 30
+
+#: Event kinds as a lookup table (kind byte -> known), and their range.
+_KIND_OK = np.zeros(256, dtype=bool)
+_KIND_OK[[int(k) for k in fmt.Kind]] = True
+_KIND_LO, _KIND_HI = min(fmt.Kind), max(fmt.Kind)
+_KINDS_CONTIGUOUS = len(fmt.Kind) == _KIND_HI - _KIND_LO + 1
+
+#: Columns in the order a chunk's decoding hands them out, costliest first
+#: (so that the threads finish together); errors are reported in format order.
+_DECODE_ORDER = ("va", "pa", "pc", "val", "kind", "info", "vcpu")
+assert sorted(_DECODE_ORDER) == sorted(fmt.COLUMNS)
+#: Chunks with fewer events than this are decoded by the calling thread alone.
+_PARALLEL_MIN_EVENTS = 4096
+
+
+def _default_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
+
+
+#: Threads decoding one chunk's columns together (the caller's included);
+#: zstd and numpy release the GIL, so they run in parallel. 1: no pool.
+DECODE_THREADS = _default_threads()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=DECODE_THREADS - 1, thread_name_prefix="shadowtrace-decode"
+            )
+        return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: make a new one."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _run_all(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``jobs`` on the calling thread and up to ``DECODE_THREADS - 1``
+    pool threads, each taking the next job not yet taken. Returns each job's
+    result, or the Exception it raised."""
+    results: list[Any] = [None] * len(jobs)
+    taken = itertools.count()  # next() on it is atomic under the GIL
+
+    def drain() -> None:
+        for i in iter(taken.__next__, None):
+            if i >= len(jobs):
+                return
+            try:
+                results[i] = jobs[i]()
+            except Exception as err:  # noqa: BLE001 - handed to the caller
+                results[i] = err
+
+    helpers = min(DECODE_THREADS, len(jobs)) - 1
+    if helpers <= 0:
+        drain()
+        return results
+    pool = _decode_pool()
+    futures = [pool.submit(drain) for _ in range(helpers)]
+    drain()
+    wait(futures)
+    return results
 
 
 @dataclass
@@ -202,14 +282,7 @@ class TraceReader:
             raise bad(f"chunk sequence {seq!r}, expected {self.chunks}")
         if not isinstance(cols, dict) or set(cols) != set(fmt.COLUMNS):
             raise bad("chunk columns are not " + ", ".join(fmt.COLUMNS))
-        decoded: dict[str, Any] = {}
-        try:
-            for name in fmt.U8_COLUMNS:
-                decoded[name] = columns.decode_u8(cols[name], n)
-            for name in fmt.U64_COLUMNS:
-                decoded[name] = columns.decode_u64(cols[name], n)
-        except ValueError as err:
-            raise bad(f"column {name}: {err}") from err
+        decoded = self._decode_columns(cols, n, bad)
         markers = obj["markers"]
         if not isinstance(markers, list) or not all(
             isinstance(m, list) and m and all(isinstance(s, str) for s in m)
@@ -217,9 +290,10 @@ class TraceReader:
         ):
             raise bad("markers are not lists of strings")
         kind = decoded["kind"]
-        valid = np.isin(kind, np.array([int(k) for k in fmt.Kind], dtype=np.uint8))
-        if not valid.all():
-            i = int(np.argmin(valid))
+        if n and not (
+            _KINDS_CONTIGUOUS and kind.min() >= _KIND_LO and kind.max() <= _KIND_HI
+        ) and not _KIND_OK[kind].all():
+            i = int(np.argmin(_KIND_OK[kind]))
             raise TraceFormatError(
                 self.path, f"unknown event kind {int(kind[i])}",
                 offset=offset, chunk=self.chunks, event=self.events + i,
@@ -243,6 +317,34 @@ class TraceReader:
                 offset=offset, chunk=self.chunks, event=self.events + i,
             )
         return Chunk(seq=seq, first=self.events, pages=pages, markers=markers, **decoded)
+
+    @staticmethod
+    def _decode_columns(
+        cols: dict[str, Any], n: int, bad: Callable[[str], TraceFormatError]
+    ) -> dict[str, Any]:
+        """Every column of a chunk, decoded by several threads when it is
+        large; a broken column raises for the first one in format order."""
+        jobs: list[Callable[[], Any]] = []
+        for name in _DECODE_ORDER:
+            decode = columns.decode_u8 if name in fmt.U8_COLUMNS else columns.decode_u64
+            jobs.append(functools.partial(decode, cols[name], n))
+        if n >= _PARALLEL_MIN_EVENTS:
+            results = _run_all(jobs)
+        else:
+            results = []
+            for job in jobs:
+                try:
+                    results.append(job())
+                except ValueError as err:
+                    results.append(err)
+        decoded = dict(zip(_DECODE_ORDER, results, strict=True))
+        for name in fmt.COLUMNS:
+            value = decoded[name]
+            if isinstance(value, ValueError):
+                raise bad(f"column {name}: {value}") from value
+            if isinstance(value, Exception):
+                raise value
+        return decoded
 
     def _check_footer(self, obj: dict[str, Any], offset: int) -> None:
         missing = [k for k in fmt.FOOTER_KEYS if k not in obj]

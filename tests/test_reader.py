@@ -174,3 +174,110 @@ def test_numpy_columns_have_the_format_types(tmp_path: Path) -> None:
         assert getattr(chunk, name).dtype == np.uint8
     for name in fmt.U64_COLUMNS:
         assert getattr(chunk, name).dtype == np.uint64
+
+
+# -- large chunks: their columns are decoded by several threads ---------------
+
+#: Events of the large chunk: at least reader._PARALLEL_MIN_EVENTS (4096), so
+#: that its columns go to the decode threads.
+LARGE = 5000
+
+
+def write_large(path: Path, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice([int(fmt.Kind.READ), int(fmt.Kind.WRITE), int(fmt.Kind.FETCH)], LARGE)
+    va, pa, pc = (rng.integers(0, 2**64, LARGE, dtype=np.uint64) for _ in range(3))
+    with TraceWriter(path, scenario="large", vcpus=4) as w:
+        for i in range(LARGE):
+            w.event(int(kinds[i]), vcpu=i % 4, va=int(va[i]), pa=int(pa[i]), pc=int(pc[i]),
+                    val=i, info=8 | (fmt.INFO_USER if i % 3 else 0))
+
+
+@pytest.fixture(scope="module")
+def large_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("large") / "t.trace"
+    write_large(path)
+    return path
+
+
+def test_threaded_decode_equals_one_thread(
+    large_trace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from replay import reader as reader_mod
+
+    assert reader_mod._PARALLEL_MIN_EVENTS <= LARGE  # the large chunk is decoded in parallel
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(reader_mod, "DECODE_THREADS", threads)
+        _, (chunk,), _ = read_all(large_trace)
+        results.append({c: getattr(chunk, c).tolist() for c in fmt.COLUMNS})
+    assert results[0] == results[1] == results[2]
+    assert results[0]["val"] == list(range(LARGE))  # and it is what was written
+
+
+def _replace_columns(path: Path, blobs: dict[str, bytes]) -> int:
+    """Rewrite the first chunk's column blobs; returns the chunk's offset."""
+    with open(path, "rb") as f:
+        objs = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+    objs[1]["cols"].update(blobs)
+    header = msgpack.packb(objs[0], use_bin_type=True)
+    path.write_bytes(b"".join(msgpack.packb(o, use_bin_type=True) for o in objs))
+    return len(header)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_broken_columns_of_a_large_chunk(
+    large_trace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    from replay import reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "DECODE_THREADS", threads)
+    path = tmp_path / "bad.trace"
+    path.write_bytes(large_trace.read_bytes())
+    # two broken columns: the error names the first in format order (pa
+    # before val), whichever thread finished first
+    offset = _replace_columns(path, {"val": b"not zstd", "pa": b"\x28\xb5\x2f\xfd junk"})
+    with pytest.raises(TraceFormatError, match="column pa: column declares 106 bytes") as err:
+        read_all(path)
+    assert err.value.chunk == 0 and err.value.offset == offset
+    # a column of the wrong length, and one that is not bytes at all
+    path.write_bytes(large_trace.read_bytes())
+    from replay import columns
+
+    _replace_columns(path, {"info": columns.encode_u8(np.zeros(LARGE - 1, np.uint8)),
+                            "pc": 7})  # type: ignore[dict-item]
+    with pytest.raises(TraceFormatError, match="column info: column declares 4999 bytes"):
+        read_all(path)
+
+
+def test_unknown_kind_in_a_large_chunk_names_the_event(
+    large_trace: Path, tmp_path: Path
+) -> None:
+    from replay import columns
+
+    _, (chunk,), _ = read_all(large_trace)
+    kind = chunk.kind.copy()
+    kind[4321] = 200  # no such kind
+    kind[4500] = 0  # nor this, later
+    path = tmp_path / "bad.trace"
+    path.write_bytes(large_trace.read_bytes())
+    _replace_columns(path, {"kind": columns.encode_u8(kind)})
+    with pytest.raises(TraceFormatError, match="unknown event kind 200") as err:
+        read_all(path)
+    assert err.value.event == 4321  # the first bad one
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_corruption_of_a_large_chunk_never_escapes(
+    large_trace: Path, tmp_path: Path, data: st.DataObject
+) -> None:
+    blob = bytearray(large_trace.read_bytes())
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        blob[at] = data.draw(st.integers(0, 255))
+    path = tmp_path / "bad.trace"
+    path.write_bytes(bytes(blob))
+    _read_fully(path, allow_truncated=False)
+    _read_fully(path, allow_truncated=True)
