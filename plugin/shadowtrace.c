@@ -759,16 +759,18 @@ static void snapshot_tree(unsigned int vcpu, uint64_t frame, int level)
 }
 
 /*
- * Translate va from the vCPU's current CR3, snapshotting any untracked
- * table on the way (with its subtree). Returns PA_UNKNOWN when not mapped
- * or when the vCPU is not in 4-level paging.
+ * Translate va from the vCPU's current CR3. With `track`, snapshot any
+ * untracked table on the way (with its subtree; the caller holds
+ * trace_lock); without, read only (descriptors, guest reads). Returns
+ * PA_UNKNOWN when va is not mapped; when the vCPU is not in 4-level paging,
+ * PA_UNKNOWN with `track` and va itself (no paging) without.
  */
-static uint64_t walk_track(VCpu *v, unsigned int vcpu, uint64_t va)
+static uint64_t walk(VCpu *v, unsigned int vcpu, uint64_t va, bool track)
 {
     uint64_t table;
 
     if (!v->lm || !v->cr3_known) {
-        return PA_UNKNOWN;
+        return track ? PA_UNKNOWN : va;
     }
     table = v->cr3 & PTE_ADDR;
     for (int level = 4; level >= 1; level--) {
@@ -778,42 +780,8 @@ static uint64_t walk_track(VCpu *v, unsigned int vcpu, uint64_t va)
         if (!frame_in_ram(table)) {
             return PA_UNKNOWN;
         }
-        if (!is_tracked(table)) {
+        if (track && !is_tracked(table)) {
             snapshot_tree(vcpu, table, level);
-        }
-        e = ram_u64(table + ((va >> shift) & 511) * 8);
-        if (!(e & PTE_P)) {
-            return PA_UNKNOWN;
-        }
-        if (level == 1) {
-            return (e & PTE_ADDR) | (va & 0xfff);
-        }
-        if (level == 3 && (e & PTE_PS)) {
-            return (e & PTE_ADDR_1G) | (va & 0x3fffffff);
-        }
-        if (level == 2 && (e & PTE_PS)) {
-            return (e & PTE_ADDR_2M) | (va & 0x1fffff);
-        }
-        table = e & PTE_ADDR;
-    }
-    return PA_UNKNOWN;
-}
-
-/* Plain translation without side effects (for descriptors). */
-static uint64_t walk_plain(const VCpu *v, uint64_t va)
-{
-    uint64_t table;
-
-    if (!v->lm || !v->cr3_known) {
-        return va;
-    }
-    table = v->cr3 & PTE_ADDR;
-    for (int level = 4; level >= 1; level--) {
-        unsigned int shift = PAGE_SHIFT + 9 * (level - 1);
-        uint64_t e;
-
-        if (!frame_in_ram(table)) {
-            return PA_UNKNOWN;
         }
         e = ram_u64(table + ((va >> shift) & 511) * 8);
         if (!(e & PTE_P)) {
@@ -942,7 +910,7 @@ static void record_fetch(unsigned int vcpu_index, uint64_t page, uint64_t pc,
         } else if (f->page == page + 1 && f->epoch == e) {
             pa = f->pa;
         } else {
-            pa = walk_track(v, vcpu_index, page);
+            pa = walk(v, vcpu_index, page, true);
             if (pa == PA_UNKNOWN && code_page != PA_UNKNOWN) {
                 pa = code_page & PAGE_MASK;
             }
@@ -977,7 +945,7 @@ static inline uint64_t block_pc(VCpu *v, const TbDesc *t)
         if (c->tb == t && c->epoch == e) {
             delta = c->delta;
         } else {
-            uint64_t pa = walk_plain(v, t->va);
+            uint64_t pa = walk(v, 0, t->va, false);
 
             if (t->pa == PA_UNKNOWN || pa == PA_UNKNOWN ||
                 (pa & PAGE_MASK) != (t->pa & PAGE_MASK)) {
@@ -1115,7 +1083,7 @@ static void vcpu_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info,
         uint64_t region = (vaddr >> 21) + 1;
 
         if (v->walk_region != region || v->walk_epoch != cur_epoch()) {
-            walk_track(v, vcpu_index, vaddr);
+            walk(v, vcpu_index, vaddr, true);
             v->walk_region = region;
             v->walk_epoch = cur_epoch();
         }
@@ -1164,7 +1132,7 @@ static bool read_guest(VCpu *v, uint64_t va, void *dst, size_t len)
 
     while (len) {
         size_t n = MIN(len, ST_PAGE_SIZE - (va & 0xfff));
-        uint64_t pa = walk_plain(v, va);
+        uint64_t pa = walk(v, 0, va, false); /* read only: no vCPU needed */
 
         if (pa == PA_UNKNOWN || pa + n > ram_limit) {
             break;
