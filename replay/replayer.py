@@ -65,8 +65,59 @@ _SNAPSHOT = int(fmt.Kind.SNAPSHOT)
 _MARKER = int(fmt.Kind.MARKER)
 _WINDOW_OPEN = int(fmt.Kind.WINDOW_OPEN)
 
-#: Access key within a segment: (vcpu, kind, user, page).
-AccessKey = tuple[int, int, int, int]
+#: Access key of dedup: page << 12 | vcpu << 4 | kind << 1 | user (see
+#: :func:`_access_keys`).
+AccessKey = int
+_PAGE_BITS = np.uint64(~((1 << PAGE_SHIFT) - 1) & (2**64 - 1))
+#: Odd multipliers of the grouping fingerprint (see :func:`_groups`).
+_FP_KEY = np.uint64(0x9E3779B97F4A7C15)
+_FP_SEG = np.uint64(0xC2B2AE3D27D4EB4F)
+_POS_BITS = 16
+_POS_MASK = np.uint64((1 << _POS_BITS) - 1)
+
+
+def _access_keys(chunk: Chunk, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
+    """The dedup key of the accesses ``idx``: (page, vCPU, kind, user) in
+    one 64-bit number, page << 12 | vcpu << 4 | kind << 1 | user."""
+    key = chunk.va[idx] & _PAGE_BITS
+    key |= chunk.vcpu[idx].astype(np.uint64) << np.uint64(4)
+    key |= chunk.kind[idx].astype(np.uint64) << np.uint64(1)
+    key |= ((chunk.info[idx] & fmt.INFO_USER) != 0).astype(np.uint64)
+    return key
+
+
+def _groups(
+    seg: npt.NDArray[np.intp], key: npt.NDArray[np.uint64]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    """Group the accesses by (segment, key): their positions ordered by
+    group, then position; and which of them starts a group.
+
+    One sort of a number per access: a 48-bit fingerprint of (segment, key)
+    above the position. Equal groups have equal fingerprints; if two groups
+    share one (rare), the check below sees it and an exact lexicographic
+    sort is used instead, so the result is always exact."""
+    m = len(key)
+    if m == 0:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool)
+    first = np.empty(m, dtype=bool)
+    first[0] = True
+    if m <= 1 << _POS_BITS:
+        fp = key * _FP_KEY
+        fp += seg.astype(np.uint64) * _FP_SEG
+        fp &= ~_POS_MASK
+        fp |= np.arange(m, dtype=np.uint64)
+        fp.sort()
+        order = (fp & _POS_MASK).astype(np.intp)
+        fp >>= np.uint64(_POS_BITS)
+        np.not_equal(fp[1:], fp[:-1], out=first[1:])
+        s_key, s_seg = key[order], seg[order]
+        same = (s_key[1:] == s_key[:-1]) & (s_seg[1:] == s_seg[:-1])
+        if np.array_equal(same, ~first[1:]):
+            return order, first
+    order = np.lexsort((key, seg))  # stable: equal keys by position
+    s_key, s_seg = key[order], seg[order]
+    first[1:] = (s_key[1:] != s_key[:-1]) | (s_seg[1:] != s_seg[:-1])
+    return order, first
 
 
 @dataclass(frozen=True)
@@ -185,61 +236,58 @@ class Replayer:
         n = chunk.n
         seg = np.cumsum(_EPOCH_LUT[kind])
         idx = np.flatnonzero(is_access)
-        page = chunk.va[idx] >> np.uint64(PAGE_SHIFT)
-        user = (chunk.info[idx] & fmt.INFO_USER) != 0
-        small = (
-            (seg[idx].astype(np.uint64) << np.uint64(16))
-            | (chunk.vcpu[idx].astype(np.uint64) << np.uint64(8))
-            | (kind[idx].astype(np.uint64) << np.uint64(1))
-            | user.astype(np.uint64)
-        )
-        # sort by (small, page, idx): pages numbered densely so that one
-        # stable sort of a single 64-bit key does it (small < 2**33)
-        _, page_no = np.unique(page, return_inverse=True)
-        order = np.argsort((small << np.uint64(20)) | page_no.astype(np.uint64), kind="stable")
-        s_small, s_page, s_idx = small[order], page[order], idx[order]
-        first_sorted = np.ones(len(idx), dtype=bool)
-        first_sorted[1:] = (s_small[1:] != s_small[:-1]) | (s_page[1:] != s_page[:-1])
-        # C7 for repeats: same translation as the group's first access
+        key = _access_keys(chunk, idx)
+        aseg = seg[idx]
+        order, first = _groups(aseg, key)
         if self.check_translation:
-            head = np.maximum.accumulate(np.where(first_sorted, np.arange(len(idx)), 0))
-            pa_page = chunk.pa[s_idx] >> np.uint64(PAGE_SHIFT)
-            differs = ~first_sorted & (pa_page != pa_page[head])
-            if differs.any():
-                for j in np.flatnonzero(differs).tolist():
-                    i = int(s_idx[j])
-                    self._mismatch(chunk.first + i, int(chunk.vcpu[i]), int(chunk.va[i]),
-                                   int(chunk.pa[i]), int(chunk.pa[s_idx[head[j]]]))
-        keep = np.zeros(n, dtype=bool)
-        keep[~is_access] = True
-        keep[s_idx[first_sorted]] = True
+            # C7 for repeats: same translation as the group's first access.
+            # When every repeat has its predecessor's, all have the first's.
+            pa_page = (chunk.pa[idx] >> np.uint64(PAGE_SHIFT))[order]
+            if (~first[1:] & (pa_page[1:] != pa_page[:-1])).any():
+                self._repeat_mismatches(chunk, idx, aseg, order, first, pa_page)
+        keep = ~is_access
+        is_first = np.zeros(len(idx), dtype=bool)
+        is_first[order[first]] = True
+        keep[idx[is_first]] = True
         # a store into a table frame (WRITE right before a TABLE_WRITE) stays
-        nxt = np.empty(n, dtype=np.int16)
-        nxt[:-1] = kind[1:]
-        nxt[-1] = -1 if next_kind is None else next_kind
-        keep |= (kind == _WRITE) & (nxt == _TABLE_WRITE)
+        table_store = np.empty(n, dtype=bool)
+        np.logical_and(kind[:-1] == _WRITE, kind[1:] == _TABLE_WRITE, out=table_store[:-1])
+        table_store[-1] = kind[-1] == _WRITE and next_kind == _TABLE_WRITE
+        keep |= table_store
         # segment 0 continues the segment left open by the previous chunk
         open_keys = self._open
-        firsts0 = np.flatnonzero(keep & is_access & (seg == 0))
-        if open_keys and len(firsts0):
-            for i in firsts0.tolist():
-                if nxt[i] == _TABLE_WRITE and kind[i] == _WRITE:
-                    continue
-                key = self._key(chunk, i)
-                if key in open_keys:
-                    keep[i] = False
+        if open_keys:
+            in0 = int(np.searchsorted(aseg, 1))  # accesses idx[:in0] are in segment 0
+            first0 = np.flatnonzero(is_first[:in0] & ~table_store[idx[:in0]])
+            for j, k in zip(first0.tolist(), key[first0].tolist(), strict=True):
+                if k in open_keys:
+                    keep[idx[j]] = False
         last_seg = int(seg[-1])
         if last_seg > 0:
             open_keys = set()
-        tail = np.flatnonzero(is_access & (seg == last_seg))
-        open_keys.update(self._key(chunk, i) for i in tail.tolist())
+        tail = int(np.searchsorted(aseg, last_seg))  # accesses idx[tail:] are in it
+        open_keys.update(key[tail:][is_first[tail:]].tolist())
         self._open = open_keys
         return keep
 
-    @staticmethod
-    def _key(chunk: Chunk, i: int) -> AccessKey:
-        return (int(chunk.vcpu[i]), int(chunk.kind[i]),
-                int(chunk.info[i]) & fmt.INFO_USER, int(chunk.va[i]) >> PAGE_SHIFT)
+    def _repeat_mismatches(
+        self, chunk: Chunk, idx: npt.NDArray[np.intp], aseg: npt.NDArray[np.intp],
+        order: npt.NDArray[np.intp], first: npt.NDArray[np.bool_],
+        pa_page: npt.NDArray[np.uint64],
+    ) -> None:
+        """C7 findings of repeats whose translation differs from their
+        group's first access, reported by (segment, vCPU, kind, user, page,
+        event)."""
+        head = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+        found = []
+        for j in np.flatnonzero(~first & (pa_page != pa_page[head])).tolist():
+            i, h = int(idx[order[j]]), int(idx[order[head[j]]])
+            found.append(((int(aseg[order[j]]), int(chunk.vcpu[i]), int(chunk.kind[i]),
+                           int(chunk.info[i]) & fmt.INFO_USER, int(chunk.va[i]) >> PAGE_SHIFT,
+                           i), h))
+        for (_, vcpu, _, _, _, i), h in sorted(found):
+            self._mismatch(chunk.first + i, vcpu, int(chunk.va[i]), int(chunk.pa[i]),
+                           int(chunk.pa[h]))
 
     # -- the per-event loop ------------------------------------------------
     def _loop(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
