@@ -40,7 +40,10 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import not_
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +87,44 @@ def _access_keys(chunk: Chunk, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.uint
     key |= chunk.kind[idx].astype(np.uint64) << np.uint64(1)
     key |= ((chunk.info[idx] & fmt.INFO_USER) != 0).astype(np.uint64)
     return key
+
+
+def _not_in(known: set[Any], keys: list[Any], lo: int, hi: int) -> list[int]:
+    """Positions ``lo .. hi-1`` whose key is not in ``known``, in order."""
+    part = keys[lo:hi]
+    if known.issuperset(part):
+        return []
+    return list(compress(range(lo, hi), map(not_, map(known.__contains__, part))))
+
+
+#: Translation keys pack into one 64-bit number when the VA is canonical
+#: with 48 bits (its page is then its low 36 bits) and the pa below 4 GiB.
+_VA_TOP_SHIFT = np.uint64(47)
+_VA_TOP_ALL = np.uint64((1 << 17) - 1)
+_VPAGE_36 = np.uint64((1 << 36) - 1)
+
+
+def _translation_keys(
+    va: npt.NDArray[np.uint64], vcpu: npt.NDArray[np.uint8], pa: npt.NDArray[np.uint64]
+) -> list[int | bytes]:
+    """One key per access for (VA page, vCPU, pa page), equal exactly when
+    the three are: a 64-bit number (VA page low 36 bits, pa page 20 bits,
+    vCPU 8 bits) when every access of the chunk fits, else 16 bytes. The two
+    forms never compare equal, so mixing them in one set is sound."""
+    vpage = va >> np.uint64(PAGE_SHIFT)
+    ppage = pa >> np.uint64(PAGE_SHIFT)
+    top = va >> _VA_TOP_SHIFT
+    if len(va) and ((top == 0) | (top == _VA_TOP_ALL)).all() and int(ppage.max()) < 1 << 20:
+        packed = (vpage & _VPAGE_36) << np.uint64(28)
+        packed |= ppage << np.uint64(8)
+        packed |= vcpu.astype(np.uint64)
+        keys: list[int | bytes] = packed.tolist()
+        return keys
+    pair = np.empty((len(va), 2), dtype=np.uint64)
+    pair[:, 0] = (vpage << np.uint64(8)) | vcpu
+    pair[:, 1] = ppage
+    keys = pair.view("V16").ravel().tolist()
+    return keys
 
 
 def _groups(
@@ -190,7 +231,7 @@ class Replayer:
         #: Leaf (shadow key, index) -> the (set, key) entries relying on it.
         self._by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]] = {}
         #: ... and translation keys that matched, per (layout, CR3s).
-        self._matched: dict[tuple[object, ...], set[bytes]] = {}
+        self._matched: dict[tuple[object, ...], set[int | bytes]] = {}
         self._matched_layout = -1
 
     # -- driving ---------------------------------------------------------
@@ -340,7 +381,7 @@ class Replayer:
         else:
             eng.process(kind, index, vcpu, info, va, pa, pc, val)
 
-    def _tokens(self, c7_vcpus: list[VCpu]) -> tuple[set[int], set[bytes]]:
+    def _tokens(self, c7_vcpus: list[VCpu]) -> tuple[set[int], set[int | bytes]]:
         """The fast path's sets for the engine's state now (C7 looks at the
         CR3s of ``c7_vcpus``, as the per-event loop does)."""
         eng = self.engine
@@ -365,7 +406,12 @@ class Replayer:
         return ok_a, ok_c
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
-        """:meth:`_loop` without an observer: runs of accesses in bulk."""
+        """:meth:`_loop` without an observer: runs of accesses in bulk.
+
+        Between two other events, the accesses whose keys the engine found
+        allowed (and whose translations matched) under the current tokens
+        are counted in bulk; each other access is fed as in :meth:`_loop`,
+        and after one that changed the engine the tokens are read again."""
         eng = self.engine
         guest = eng.guest
         counters = eng.counters
@@ -391,90 +437,109 @@ class Replayer:
             | ((info_k & fmt.INFO_USER) != 0).astype(np.uint64)
         )
         akeys: list[int] = akey.tolist()
-        ckeys: list[bytes] = []
-        if check:
-            # translation key: (page << 8 | vCPU, pa page) as 16 bytes
-            pair = np.empty((len(rows), 2), dtype=np.uint64)
-            pair[:, 0] = (vpage << np.uint64(8)) | vcpu_k
-            pair[:, 1] = pa_k >> np.uint64(PAGE_SHIFT)
-            ckeys = pair.view("V16").ravel().tolist()
-        L_i = rows.tolist()
-        L_kind = kind_k.tolist()
-        L_vcpu = vcpu_k.tolist()
-        L_info = info_k.tolist()
-        L_va = va_k.tolist()
-        L_pa = pa_k.tolist()
-        wpos = np.flatnonzero(kind_k == _WRITE).tolist()
-        bounds = np.flatnonzero(~is_acc).tolist()
+        ckeys: list[int | bytes] = _translation_keys(va_k, vcpu_k, pa_k) if check else []
+        L_i: list[int] = rows.tolist()
+        L_vcpu: list[int] = vcpu_k.tolist()
+        wpos: list[int] = np.flatnonzero(kind_k == _WRITE).tolist()
+        bounds: list[int] = np.flatnonzero(~is_acc).tolist()
         bounds.append(len(rows))
         size_mask = fmt.INFO_SIZE_MASK
         user_bit = fmt.INFO_USER
         io_bit = 1 << 3
+
+        def bulk(x: int, y: int) -> None:
+            """Accesses x .. y-1, every one allowed and translated as
+            before: the engine would only count them and note each vCPU's
+            last store."""
+            n = y - x
+            counters["accesses"] += n
+            self.bulk_accesses += n
+            if check:
+                st.translations_checked += n
+            lo, hi = bisect_left(wpos, x), bisect_left(wpos, y)
+            if hi > lo:
+                seen: set[int] = set()
+                for t in range(hi - 1, lo - 1, -1):
+                    j = wpos[t]
+                    vc = L_vcpu[j]
+                    if vc not in seen:
+                        seen.add(vc)
+                        info = info_k.item(j)
+                        eng.vcpus[vc].last_store = (
+                            va_k.item(j), info & size_mask or 8, bool(info & user_bit))
+            eng._event, eng._vcpu = first + L_i[y - 1], L_vcpu[y - 1]
+
+        def one(j: int, ok_a: set[int], ok_c: set[int | bytes]) -> bool:
+            """Access j as the per-event loop feeds it; False when the
+            engine may have changed (the tokens must be read again)."""
+            index = first + L_i[j]
+            vcpu, va, pa = L_vcpu[j], va_k.item(j), pa_k.item(j)
+            if check:
+                ck = ckeys[j]
+                if ck in ok_c:
+                    st.translations_checked += 1
+                else:
+                    cr3 = c7_vcpus[vcpu].cr3 if vcpu < len(c7_vcpus) else None
+                    model = TRANSLATE_UNKNOWN if cr3 is None else guest.translate(cr3, va)
+                    if model == TRANSLATE_UNKNOWN:
+                        st.translations_unknown += 1
+                    else:
+                        st.translations_checked += 1
+                        if model == TRANSLATE_UNMAPPED or model >> PAGE_SHIFT != pa >> PAGE_SHIFT:
+                            self._mismatch(index, vcpu, va, pa, model)
+                        else:
+                            ok_c.add(ck)
+            ak = akeys[j]
+            kind, info = kind_k.item(j), info_k.item(j)
+            if ak in ok_a:
+                counters["accesses"] += 1
+                if kind == _WRITE:
+                    eng.vcpus[vcpu].last_store = (va, info & size_mask or 8, bool(info & user_bit))
+                eng._event, eng._vcpu = index, vcpu
+                return True
+            if eng.access(index, vcpu, kind, va, info, pa):
+                leaf = eng.allowed_leaf(vcpu, va)
+                if not ak & io_bit and leaf is not None:
+                    ok_a.add(ak)
+                    self._by_leaf.setdefault(leaf, []).append((ok_a, ak))
+                return True
+            return False
+
         a = 0
         for b in bounds:
             if b > a:
                 ok_a, ok_c = self._tokens(c7_vcpus)
-                if ok_a.issuperset(akeys[a:b]) and (not check or ok_c.issuperset(ckeys[a:b])):
-                    # every one allowed and translated as before: the engine
-                    # would only count them and note each vCPU's last store
-                    n = b - a
-                    counters["accesses"] += n
-                    self.bulk_accesses += n
+                # windows of accesses: all of them first, after an engine
+                # change a short one, doubling while nothing changes
+                j, win = a, b - a
+                while j < b:
+                    hi = min(b, j + win)
+                    unknown = _not_in(ok_a, akeys, j, hi)
                     if check:
-                        st.translations_checked += n
-                    lo, hi = bisect_left(wpos, a), bisect_left(wpos, b)
-                    if hi > lo:
-                        seen: set[int] = set()
-                        for t in range(hi - 1, lo - 1, -1):
-                            j = wpos[t]
-                            vc = L_vcpu[j]
-                            if vc not in seen:
-                                seen.add(vc)
-                                info = L_info[j]
-                                eng.vcpus[vc].last_store = (
-                                    L_va[j], info & size_mask or 8, bool(info & user_bit))
-                    eng._event, eng._vcpu = first + L_i[b - 1], L_vcpu[b - 1]
-                else:
-                    for j in range(a, b):
-                        index = first + L_i[j]
-                        vcpu, va, pa = L_vcpu[j], L_va[j], L_pa[j]
-                        if check:
-                            ck = ckeys[j]
-                            if ck in ok_c:
-                                st.translations_checked += 1
-                            else:
-                                cr3 = (c7_vcpus[vcpu].cr3 if vcpu < len(c7_vcpus)
-                                       else None)
-                                model = (TRANSLATE_UNKNOWN if cr3 is None
-                                         else guest.translate(cr3, va))
-                                if model == TRANSLATE_UNKNOWN:
-                                    st.translations_unknown += 1
-                                else:
-                                    st.translations_checked += 1
-                                    if (model == TRANSLATE_UNMAPPED
-                                            or model >> PAGE_SHIFT != pa >> PAGE_SHIFT):
-                                        self._mismatch(index, vcpu, va, pa, model)
-                                    else:
-                                        ok_c.add(ck)
-                        ak = akeys[j]
-                        if ak in ok_a:
-                            counters["accesses"] += 1
-                            kind, info = L_kind[j], L_info[j]
-                            if kind == _WRITE:
-                                eng.vcpus[vcpu].last_store = (
-                                    va, info & size_mask or 8, bool(info & user_bit))
-                            eng._event, eng._vcpu = index, vcpu
-                        elif eng.access(index, vcpu, L_kind[j], va, L_info[j], pa):
-                            leaf = eng.allowed_leaf(vcpu, va)
-                            if not ak & io_bit and leaf is not None:
-                                ok_a.add(ak)
-                                self._by_leaf.setdefault(leaf, []).append((ok_a, ak))
-                        else:
-                            ok_a, ok_c = self._tokens(c7_vcpus)
+                        unknown_c = _not_in(ok_c, ckeys, j, hi)
+                        if unknown_c:
+                            unknown = sorted(set(unknown).union(unknown_c))
+                    changed = False
+                    for u in unknown:
+                        if u > j:
+                            bulk(j, u)
+                        j = u + 1
+                        if not one(u, ok_a, ok_c):
+                            changed = True
+                            break
+                    if changed:
+                        ok_a, ok_c = self._tokens(c7_vcpus)
+                        win = 64
+                    else:
+                        if hi > j:
+                            bulk(j, hi)
+                        j = hi
+                        win *= 2
             if b < len(L_i):
-                self._other(chunk, first + L_i[b], L_kind[b], L_vcpu[b], L_info[b], L_va[b],
-                            L_pa[b], int(chunk.pc[rows[b]]), int(chunk.val[rows[b]]))
-                if L_kind[b] == _WINDOW_OPEN:
+                self._other(chunk, first + L_i[b], kind_k.item(b), L_vcpu[b], info_k.item(b),
+                            va_k.item(b), pa_k.item(b), int(chunk.pc[rows[b]]),
+                            int(chunk.val[rows[b]]))
+                if kind_k.item(b) == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list
             a = b + 1
 
