@@ -25,7 +25,8 @@ restricting shadow change since (:meth:`ShadowEngine.access_token`), and
 their translations already matched the walk with the same CR3s and table
 layout: the engine would change nothing but its counters and the vCPU's
 last store, so only those are updated. The results are the same as event
-by event.
+by event (``Replayer(fast=False)`` feeds every event one by one; the tests
+compare the two after every chunk).
 
 **Translation cross-check (C7).** For every access that reaches the engine
 and whose walk is known, the guest-physical page the trace recorded is
@@ -52,7 +53,7 @@ from . import format as fmt
 from .config import EngineConfig
 from .engine import ShadowEngine, VCpu
 from .guest import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
-from .reader import Chunk, TraceReader
+from .reader import Chunk, Prefetch, TraceReader
 
 #: Kinds that bump the plugin's dedup epoch (plus CR3_CURRENT, conservatively).
 EPOCH_KINDS: tuple[int, ...] = tuple(int(k) for k in (
@@ -236,7 +237,17 @@ class Replayer:
 
     # -- driving ---------------------------------------------------------
     def run(self, chunks: Iterable[Chunk]) -> ReplayStats:
-        """Replay every chunk (with one chunk of look-ahead)."""
+        """Replay every chunk (with one chunk of look-ahead). A
+        :class:`TraceReader` decodes the next chunks in a background thread
+        meanwhile (:class:`~replay.reader.Prefetch`)."""
+        if isinstance(chunks, TraceReader):
+            with Prefetch(chunks) as ahead:
+                self._run(ahead)
+        else:
+            self._run(chunks)
+        return self.stats
+
+    def _run(self, chunks: Iterable[Chunk]) -> None:
         it: Iterator[Chunk] = iter(chunks)
         cur = next(it, None)
         while cur is not None:
@@ -244,7 +255,6 @@ class Replayer:
             following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
             self.feed(cur, following)
             cur = nxt
-        return self.stats
 
     def feed(self, chunk: Chunk, next_kind: int | None = None) -> None:
         """Replay one chunk; ``next_kind`` is the kind of the event after

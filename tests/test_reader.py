@@ -281,3 +281,59 @@ def test_random_corruption_of_a_large_chunk_never_escapes(
     path.write_bytes(bytes(blob))
     _read_fully(path, allow_truncated=False)
     _read_fully(path, allow_truncated=True)
+
+
+# -- Prefetch: the next chunk decoded by a background thread -------------------
+
+
+def write_chunks(path: Path, chunks: int, per_chunk: int = 50, footer: bool = True) -> None:
+    with TraceWriter(path) as w:
+        for c in range(chunks):
+            for i in range(per_chunk):
+                w.access(fmt.Kind.READ, KERNEL_VA + 8 * i, 0x1000 + 8 * i, pc=c)
+            w.flush()
+        w.close(footer=footer)
+
+
+def test_prefetch_gives_the_same_chunks(tmp_path: Path) -> None:
+    from replay.reader import Prefetch
+
+    path = tmp_path / "t.trace"
+    write_chunks(path, 5)
+    _, plain, _ = read_all(path)
+    with TraceReader(path) as reader, Prefetch(reader) as ahead:
+        fetched = list(ahead)
+        assert reader.footer is not None  # the source was read to its end
+    assert [c.seq for c in fetched] == [0, 1, 2, 3, 4]
+    for a, b in zip(plain, fetched, strict=True):
+        assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in fmt.COLUMNS)
+
+
+def test_prefetch_raises_where_the_reader_would(tmp_path: Path) -> None:
+    from replay.reader import Prefetch
+
+    path = tmp_path / "t.trace"
+    write_chunks(path, 4, footer=False)  # truncated: no footer after 4 chunks
+    got = []
+    with (TraceReader(path) as reader, Prefetch(reader) as ahead,
+          pytest.raises(TraceFormatError, match="truncated")):
+        for chunk in ahead:
+            got.append(chunk.seq)
+    assert got == [0, 1, 2, 3]  # every valid chunk came first
+
+
+def test_prefetch_close_stops_the_thread(tmp_path: Path) -> None:
+    from replay.reader import Prefetch
+
+    path = tmp_path / "t.trace"
+    write_chunks(path, 20)
+    with TraceReader(path) as reader:
+        ahead = Prefetch(reader)
+        for chunk in ahead:
+            assert chunk.seq == 0
+            break  # the consumer stops early
+        ahead.close()
+        assert ahead._thread is not None and not ahead._thread.is_alive()
+        # the background thread read at most the queue's one chunk and the
+        # one it was handing over beyond the consumer's
+        assert reader.chunks <= 3
