@@ -106,16 +106,19 @@ _VPAGE_36 = np.uint64((1 << 36) - 1)
 
 
 def _translation_keys(
-    va: npt.NDArray[np.uint64], vcpu: npt.NDArray[np.uint8], pa: npt.NDArray[np.uint64]
+    va: npt.NDArray[np.uint64], vcpu: npt.NDArray[np.uint8], pa: npt.NDArray[np.uint64],
+    is_access: npt.NDArray[np.bool_],
 ) -> list[int | bytes]:
-    """One key per access for (VA page, vCPU, pa page), equal exactly when
-    the three are: a 64-bit number (VA page low 36 bits, pa page 20 bits,
-    vCPU 8 bits) when every access of the chunk fits, else 16 bytes. The two
-    forms never compare equal, so mixing them in one set is sound."""
+    """One key per event for (VA page, vCPU, pa page), equal exactly when
+    the three are (for the accesses; other events' keys are not used): a
+    64-bit number (VA page low 36 bits, pa page 20 bits, vCPU 8 bits) when
+    every access of the chunk fits, else 16 bytes. The two forms never
+    compare equal, so mixing them in one set is sound."""
     vpage = va >> np.uint64(PAGE_SHIFT)
     ppage = pa >> np.uint64(PAGE_SHIFT)
-    top = va >> _VA_TOP_SHIFT
-    if len(va) and ((top == 0) | (top == _VA_TOP_ALL)).all() and int(ppage.max()) < 1 << 20:
+    top = (va >> _VA_TOP_SHIFT)[is_access]
+    if (len(top) and ((top == 0) | (top == _VA_TOP_ALL)).all()
+            and int(ppage[is_access].max()) < 1 << 20):
         packed = (vpage & _VPAGE_36) << np.uint64(28)
         packed |= ppage << np.uint64(8)
         packed |= vcpu.astype(np.uint64)
@@ -447,7 +450,7 @@ class Replayer:
             | ((info_k & fmt.INFO_USER) != 0).astype(np.uint64)
         )
         akeys: list[int] = akey.tolist()
-        ckeys: list[int | bytes] = _translation_keys(va_k, vcpu_k, pa_k) if check else []
+        ckeys: list[int | bytes] = _translation_keys(va_k, vcpu_k, pa_k, is_acc) if check else []
         L_i: list[int] = rows.tolist()
         L_vcpu: list[int] = vcpu_k.tolist()
         wpos: list[int] = np.flatnonzero(kind_k == _WRITE).tolist()

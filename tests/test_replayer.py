@@ -360,3 +360,22 @@ def test_dedup_grouping_fallback_gives_the_same_result(
     assert r_fp.stats.deduplicated > 0  # there were repeats to group
     assert dataclasses.asdict(r_fp.stats) == dataclasses.asdict(r_exact.stats)
     assert engine_result(e_fp) == engine_result(e_exact)
+
+
+def test_fast_path_with_translation_keys_as_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Translation keys are 64-bit numbers when the chunk's accesses fit
+    (every recorded trace), else 16 bytes. Make kernel addresses not fit:
+    chunks with one take bytes, the others numbers, in the same sets."""
+    import numpy as np
+
+    from replay import replayer as replayer_mod
+
+    monkeypatch.setattr(replayer_mod, "_VA_TOP_ALL", np.uint64(0))
+    events = workload(seed=21)
+    # small chunks: those with a store into a table (through the direct
+    # map) take bytes, the others numbers
+    path = write_trace(tmp_path / "w.trace", events, flush_every=97)
+    fast, _ = both_paths(path, EngineConfig(vcpus=2))
+    assert fast.engine.counters["table_writes"] > 0  # kernel-address stores were in it
