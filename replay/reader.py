@@ -104,6 +104,8 @@ def _run_all(jobs: list[Callable[[], Any]]) -> list[Any]:
     futures = [pool.submit(drain) for _ in range(helpers)]
     drain()
     wait(futures)
+    for future in futures:
+        future.result()  # a helper that died of something else than a job's error
     return results
 
 
