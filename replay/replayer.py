@@ -39,7 +39,7 @@ mismatch count is 0.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
@@ -77,6 +77,9 @@ _PAGE_BITS = np.uint64(~((1 << PAGE_SHIFT) - 1) & (2**64 - 1))
 _FP_KEY = np.uint64(0x9E3779B97F4A7C15)
 _FP_SEG = np.uint64(0xC2B2AE3D27D4EB4F)
 _POS_BITS = 16
+#: Fast path: runs of at most this many accesses between other events are
+#: taken one by one (cheaper than in bulk when short).
+_SHORT_RUN = 8
 _POS_MASK = np.uint64((1 << _POS_BITS) - 1)
 
 
@@ -456,6 +459,18 @@ class Replayer:
         wpos: list[int] = np.flatnonzero(kind_k == _WRITE).tolist()
         bounds: list[int] = np.flatnonzero(~is_acc).tolist()
         bounds.append(len(rows))
+        # the other columns, read per event: as lists when many events are
+        # read one by one (short runs between other events), else each
+        # value from numpy when needed
+        kind_at: Callable[[int], int]
+        info_at: Callable[[int], int]
+        va_at: Callable[[int], int]
+        pa_at: Callable[[int], int]
+        if len(bounds) * _SHORT_RUN > len(rows):
+            kind_at, info_at = kind_k.tolist().__getitem__, info_k.tolist().__getitem__
+            va_at, pa_at = va_k.tolist().__getitem__, pa_k.tolist().__getitem__
+        else:
+            kind_at, info_at, va_at, pa_at = kind_k.item, info_k.item, va_k.item, pa_k.item
         size_mask = fmt.INFO_SIZE_MASK
         user_bit = fmt.INFO_USER
         io_bit = 1 << 3
@@ -477,16 +492,16 @@ class Replayer:
                     vc = L_vcpu[j]
                     if vc not in seen:
                         seen.add(vc)
-                        info = info_k.item(j)
+                        info = info_at(j)
                         eng.vcpus[vc].last_store = (
-                            va_k.item(j), info & size_mask or 8, bool(info & user_bit))
+                            va_at(j), info & size_mask or 8, bool(info & user_bit))
             eng._event, eng._vcpu = first + L_i[y - 1], L_vcpu[y - 1]
 
         def one(j: int, ok_a: set[int], ok_c: set[int | bytes]) -> bool:
             """Access j as the per-event loop feeds it; False when the
             engine may have changed (the tokens must be read again)."""
             index = first + L_i[j]
-            vcpu, va, pa = L_vcpu[j], va_k.item(j), pa_k.item(j)
+            vcpu, va, pa = L_vcpu[j], va_at(j), pa_at(j)
             if check:
                 ck = ckeys[j]
                 if ck in ok_c:
@@ -503,7 +518,7 @@ class Replayer:
                         else:
                             ok_c.add(ck)
             ak = akeys[j]
-            kind, info = kind_k.item(j), info_k.item(j)
+            kind, info = kind_at(j), info_at(j)
             if ak in ok_a:
                 counters["accesses"] += 1
                 if kind == _WRITE:
@@ -520,7 +535,24 @@ class Replayer:
 
         a = 0
         for b in bounds:
-            if b > a:
+            if 0 < b - a <= _SHORT_RUN:
+                # a short run: one by one, each known one counted on the spot
+                ok_a, ok_c = self._tokens(c7_vcpus)
+                for j in range(a, b):
+                    if akeys[j] in ok_a and (not check or ckeys[j] in ok_c):
+                        counters["accesses"] += 1
+                        self.bulk_accesses += 1
+                        if check:
+                            st.translations_checked += 1
+                        vcpu = L_vcpu[j]
+                        if kind_at(j) == _WRITE:
+                            info = info_at(j)
+                            eng.vcpus[vcpu].last_store = (
+                                va_at(j), info & size_mask or 8, bool(info & user_bit))
+                        eng._event, eng._vcpu = first + L_i[j], vcpu
+                    elif not one(j, ok_a, ok_c):
+                        ok_a, ok_c = self._tokens(c7_vcpus)
+            elif b > a:
                 ok_a, ok_c = self._tokens(c7_vcpus)
                 # windows of accesses: all of them first, after an engine
                 # change a short one, doubling while nothing changes
@@ -549,10 +581,10 @@ class Replayer:
                         j = hi
                         win *= 2
             if b < len(L_i):
-                self._other(chunk, first + L_i[b], kind_k.item(b), L_vcpu[b], info_k.item(b),
-                            va_k.item(b), pa_k.item(b), int(chunk.pc[rows[b]]),
-                            int(chunk.val[rows[b]]))
-                if kind_k.item(b) == _WINDOW_OPEN:
+                kind = kind_at(b)
+                self._other(chunk, first + L_i[b], kind, L_vcpu[b], info_at(b), va_at(b),
+                            pa_at(b), chunk.pc.item(L_i[b]), chunk.val.item(L_i[b]))
+                if kind == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list
             a = b + 1
 
