@@ -1,7 +1,7 @@
 # shadowtrace: record a guest under QEMU TCG, replay it through a model of
 # Xen's shadow paging.
 #
-#   make demo    set up what is missing, capture the seed scenario, summarise
+#   make demo    set up what is missing, capture the seed scenario, replay it
 #   make test    set up what is missing, run the whole test suite
 #
 # Everything is built under build/ (cached; `make clean` removes it).
@@ -73,7 +73,9 @@ $(VENV)/.installed: pyproject.toml
 # -- what a user runs -------------------------------------------------------
 demo: setup
 	@mkdir -p out
-	$(ST) capture --scenario seed --out out/seed.trace
+	$(ST) capture --scenario seed --deterministic --out out/seed.trace
+	$(ST) replay out/seed.trace --watch-console \
+	    --secure 'console:The address allocated is ([0-9a-f]+)'
 
 test: setup lint
 	$(PY) -m pytest -q
