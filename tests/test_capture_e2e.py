@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from replay import format as fmt
 from replay.guest import Access, GuestMemory
@@ -194,14 +195,16 @@ def test_recapture_matches_stored_expectations(captures: dict[str, Captured]) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_recapture_private_root_matches_stored_expectations(tmp_path: Path) -> None:
-    """private-root too: its module's own CR3 switches and secure markers
-    replay to the stored counters, shadows, findings and timeline."""
+@pytest.mark.parametrize("scenario", ["private-root", "reserved-root"])
+def test_recapture_matches_stored_expectations_of(scenario: str, tmp_path: Path) -> None:
+    """private-root too (its module's own CR3 switches and secure markers
+    replay to the stored counters, shadows, findings and timeline), and
+    reserved-root, the clean negative, booted with its own memmap= line."""
     from qmp_tools.paths import TOP
 
     from .conftest import capture, run_cli
 
-    cap = capture(tmp_path, "private-root", "--scenario", "private-root", "--deterministic")
-    golden = TOP / "traces" / "private-root.expected.json"
+    cap = capture(tmp_path, scenario, "--scenario", scenario, "--deterministic")
+    golden = TOP / "traces" / f"{scenario}.expected.json"
     proc = run_cli("check", str(cap.trace), "--expect", str(golden))
     assert proc.returncode == 0, proc.stdout + proc.stderr
