@@ -39,7 +39,7 @@ mismatch count is 0.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
@@ -352,10 +352,8 @@ class Replayer:
             self._loop_fast(chunk, rows)
             return
         eng = self.engine
-        guest = eng.guest
         vcpus = eng.vcpus
         check = self.check_translation
-        st = self.stats
         first = chunk.first
         hook = eng.after_event
         cols = zip(
@@ -367,14 +365,7 @@ class Replayer:
             index = first + i
             if kind <= _FETCH:
                 if check:
-                    cr3 = vcpus[vcpu].cr3 if vcpu < len(vcpus) else None
-                    model = TRANSLATE_UNKNOWN if cr3 is None else guest.translate(cr3, va)
-                    if model == TRANSLATE_UNKNOWN:
-                        st.translations_unknown += 1
-                    else:
-                        st.translations_checked += 1
-                        if model == TRANSLATE_UNMAPPED or model >> PAGE_SHIFT != pa >> PAGE_SHIFT:
-                            self._mismatch(index, vcpu, va, pa, model)
+                    self._c7(index, vcpu, va, pa, vcpus)
                 eng.access(index, vcpu, kind, va, info, pa)
             else:
                 self._other(chunk, index, kind, vcpu, info, va, pa, pc, val)
@@ -429,7 +420,6 @@ class Replayer:
         are counted in bulk; each other access is fed as in :meth:`_loop`,
         and after one that changed the engine the tokens are read again."""
         eng = self.engine
-        guest = eng.guest
         counters = eng.counters
         # C7 reads the CR3s from the current vCPU list (a WINDOW_OPEN
         # replaces it), like the per-event loop
@@ -506,17 +496,8 @@ class Replayer:
                 ck = ckeys[j]
                 if ck in ok_c:
                     st.translations_checked += 1
-                else:
-                    cr3 = c7_vcpus[vcpu].cr3 if vcpu < len(c7_vcpus) else None
-                    model = TRANSLATE_UNKNOWN if cr3 is None else guest.translate(cr3, va)
-                    if model == TRANSLATE_UNKNOWN:
-                        st.translations_unknown += 1
-                    else:
-                        st.translations_checked += 1
-                        if model == TRANSLATE_UNMAPPED or model >> PAGE_SHIFT != pa >> PAGE_SHIFT:
-                            self._mismatch(index, vcpu, va, pa, model)
-                        else:
-                            ok_c.add(ck)
+                elif self._c7(index, vcpu, va, pa, c7_vcpus):
+                    ok_c.add(ck)
             ak = akeys[j]
             kind, info = kind_at(j), info_at(j)
             if ak in ok_a:
@@ -587,6 +568,21 @@ class Replayer:
                 if kind == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list
             a = b + 1
+
+    def _c7(self, index: int, vcpu: int, va: int, pa: int, vcpus: Sequence[Any]) -> bool:
+        """Cross-check one access (C7): the model's walk of the guest tables
+        under the vCPU's CR3 against the trace's PA. True when they agree."""
+        st = self.stats
+        cr3 = vcpus[vcpu].cr3 if vcpu < len(vcpus) else None
+        model = TRANSLATE_UNKNOWN if cr3 is None else self.engine.guest.translate(cr3, va)
+        if model == TRANSLATE_UNKNOWN:
+            st.translations_unknown += 1
+            return False
+        st.translations_checked += 1
+        if model == TRANSLATE_UNMAPPED or model >> PAGE_SHIFT != pa >> PAGE_SHIFT:
+            self._mismatch(index, vcpu, va, pa, model)
+            return False
+        return True
 
     def _mismatch(self, event: int, vcpu: int, va: int, trace_pa: int, model_pa: int) -> None:
         st = self.stats
