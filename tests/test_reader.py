@@ -149,14 +149,10 @@ def test_every_truncation_point_is_a_trace_error(small_trace: bytes, tmp_path: P
         _read_fully(path, allow_truncated=True)
 
 
-@settings(
-    max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(data=st.data())
-def test_random_corruption_never_escapes(
-    small_trace: bytes, tmp_path: Path, data: st.DataObject
-) -> None:
-    blob = bytearray(small_trace)
+def _corrupt_and_read(trace: bytes, tmp_path: Path, data: st.DataObject) -> None:
+    """Overwrite 1 to 8 random bytes of ``trace``; reading it (with and
+    without --allow-truncated) must end cleanly or in a trace error."""
+    blob = bytearray(trace)
     for _ in range(data.draw(st.integers(1, 8))):
         at = data.draw(st.integers(0, len(blob) - 1))
         blob[at] = data.draw(st.integers(0, 255))
@@ -164,6 +160,16 @@ def test_random_corruption_never_escapes(
     path.write_bytes(bytes(blob))
     _read_fully(path, allow_truncated=False)
     _read_fully(path, allow_truncated=True)
+
+
+@settings(
+    max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_random_corruption_never_escapes(
+    small_trace: bytes, tmp_path: Path, data: st.DataObject
+) -> None:
+    _corrupt_and_read(small_trace, tmp_path, data)
 
 
 def test_numpy_columns_have_the_format_types(tmp_path: Path) -> None:
@@ -273,14 +279,7 @@ def test_unknown_kind_in_a_large_chunk_names_the_event(
 def test_random_corruption_of_a_large_chunk_never_escapes(
     large_trace: Path, tmp_path: Path, data: st.DataObject
 ) -> None:
-    blob = bytearray(large_trace.read_bytes())
-    for _ in range(data.draw(st.integers(1, 8))):
-        at = data.draw(st.integers(0, len(blob) - 1))
-        blob[at] = data.draw(st.integers(0, 255))
-    path = tmp_path / "bad.trace"
-    path.write_bytes(bytes(blob))
-    _read_fully(path, allow_truncated=False)
-    _read_fully(path, allow_truncated=True)
+    _corrupt_and_read(large_trace.read_bytes(), tmp_path, data)
 
 
 # -- Prefetch: the next chunk decoded by a background thread -------------------
