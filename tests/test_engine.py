@@ -246,6 +246,11 @@ def test_s6_one_l1_shadow_refcount_2() -> None:
     assert d.e.keys(L2) == {(l2a, L2), (l2b, L2)}
     assert d.e.keys(L1) == {(l1, L1)}  # one shadow for the one guest L1
     assert d.e.shadows[(l1, L1)].refcount == 2  # two L2 entries reference it
+    # each L2 shadow: one L3 entry (shadow_set_l3e takes one sh_get_ref)
+    assert d.e.shadows[(l2a, L2)].refcount == 1
+    assert d.e.shadows[(l2b, L2)].refcount == 1
+    # one L4 entry + the LINUX_L3_TOPLEVEL pin (shadow_set_l4e pins L3s)
+    assert d.e.shadows[(l3, L3)].refcount == 2
 
 
 # --------------------------------------------------------------------------
@@ -416,6 +421,11 @@ def test_user_write_to_page_table_unshadows_it() -> None:
     d.read(U, user=True)
     assert (l1, L1) in d.e.shadows
     d.write(U + (8 << 21), user=True)
+    # multi.c sh_page_fault: a demand write to a page-table frame counts
+    # shadow_fault_emulate_write and goes to the emulate path, which refuses
+    # user-mode writes (shadow_fault_emulate_failed) and calls
+    # shadow_remove_all_shadows on the frame: one of each
+    assert d.c["shadow_fault_emulate_write"] == 1
     assert d.c["shadow_fault_emulate_failed"] == 1
     assert (l1, L1) not in d.e.shadows  # user write to a PT: unshadowed
 
