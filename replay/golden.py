@@ -2,8 +2,8 @@
 
 ``expectation(doc)`` keeps what a behaviour change must not move silently:
 every counter, shadows by type, the C7 count, findings by check and
-severity (C6 also by hazard kind), and for each watched VA the answer and the event and reason of
-each level of its first shadow path. ``compare`` lists the differences as
+severity (C6 also by hazard kind), and for each watched VA the answer and
+the event and reason of each level of its first shadow path. ``compare`` lists the differences as
 readable lines (``counters.shadow_fault: expected 120, got 121``).
 """
 
