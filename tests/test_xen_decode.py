@@ -1,0 +1,243 @@
+"""The xentrace decoder on hand-built binary records (replay.xen.decode / annotate).
+
+Every record is built here from the layouts of Xen 4.17.5's trace helpers
+(see replay/xen/records.py for the sources), so each expected value is the
+one the test itself put in.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from replay.errors import TraceFormatError
+from replay.xen import records as rec
+from replay.xen.annotate import annotate, console_markers, marker_names
+from replay.xen.decode import decode, decode_bytes
+
+VA = 0xFFFF888006192000
+GL1E = 0x8000000006192063
+RIP = 0xFFFFFFFF81A2B3C7
+USER_RIP = 0x401234
+
+
+def record(event: int, data: bytes = b"", tsc: int | None = None) -> bytes:
+    """One t_rec: header (event, data word count, TSC flag), TSC, data."""
+    assert len(data) % 4 == 0 and len(data) <= 28
+    header = event | (len(data) // 4) << 28 | (1 << 31 if tsc is not None else 0)
+    out = struct.pack("<I", header)
+    if tsc is not None:
+        out += struct.pack("<Q", tsc)
+    return out + data
+
+
+def window(cpu: int, *records: bytes) -> bytes:
+    """A CPU-change record (as xentrace writes one per buffer window) and the window."""
+    body = b"".join(records)
+    return record(rec.TRC_TRACE_CPU_CHANGE, struct.pack("<iI", cpu, len(body))) + body
+
+
+def shadow(number: int, data: bytes) -> bytes:
+    levels = 0 if number in rec.SHADOW_NO_LEVELS else rec.LEVELS_4
+    return record(rec.TRC_SHADOW | levels | number, data)
+
+
+def vmexit(reason: int, rip: int, tsc: int = 1000) -> bytes:
+    return record(rec.TRC_HVM_SVM_EXIT64, struct.pack("<IQ", reason, rip), tsc=tsc)
+
+
+def vmentry(tsc: int = 2000) -> bytes:
+    return record(rec.TRC_HVM_VMENTRY, tsc=tsc)
+
+
+def fixup(flags: int, va: int = VA, gl1e: int = GL1E) -> bytes:
+    return shadow(6, struct.pack("<QQI", gl1e, va, flags))
+
+
+def cpuid(leaf: int) -> bytes:
+    return record(rec.TRC_HVM_CPUID, struct.pack("<6I", leaf, 0, 0, 0, 0, 0))
+
+
+def bit(name: str) -> int:
+    return 1 << rec.PATH_FLAGS.index(name)
+
+
+# -- every record kind -------------------------------------------------------
+def test_fixup_gets_its_exit_instruction_and_flags() -> None:
+    flags = bit("l1_get_ref") | bit("unsync")
+    got = decode_bytes(window(1, vmexit(0x4E, RIP), fixup(flags), vmentry())).table
+    # vmexit, fixup, vmentry: the CPU-change record is no row
+    assert got["kind"].to_list() == ["vmexit", "fixup", "vmentry"]
+    row = got.row(1, named=True)
+    assert (row["va"], row["gl1e"], row["flags"]) == (VA, GL1E, flags)
+    assert row["flag_names"] == "l1_get_ref|unsync"  # bit 2 and bit 18, in bit order
+    assert (row["exit_reason"], row["exit_name"], row["rip"]) == (0x4E, "page_fault", RIP)
+    assert row["pcpu"] == 1 and row["tsc"] == 1000  # the TSC of the exit record before it
+    # the entry ends the exit: a row after it belongs to no instruction
+    assert got.row(2, named=True)["rip"] is None
+
+
+def test_not_shadow_has_the_fixup_layout() -> None:
+    got = decode_bytes(window(0, shadow(1, struct.pack("<QQI", 0, VA, 0)))).table
+    assert got.row(0, named=True) | {} == got.row(0, named=True)
+    assert got["kind"].to_list() == ["not_shadow"] and got["va"].to_list() == [VA]
+
+
+def test_emulate_drops_the_emulation_count_bits() -> None:
+    flags = bit("early_unshadow") | bit("demote")
+    word = flags | 5 << 29  # emulation_count:3 sits above flags:29
+    data = struct.pack("<QQQI", GL1E, 0, VA, word)
+    row = decode_bytes(window(1, shadow(8, data))).table.row(0, named=True)
+    assert row["kind"] == "emulate"
+    assert row["flags"] == flags and row["write_val"] == 0 and row["va"] == VA
+    assert row["flag_names"] == "demote|early_unshadow"  # bits 8 and 13
+
+
+@pytest.mark.parametrize("number", [2, 3, 4, 5, 7])
+def test_va_only_records(number: int) -> None:
+    row = decode_bytes(window(1, shadow(number, struct.pack("<Q", VA)))).table.row(0, named=True)
+    assert row["kind"] == rec.SHADOW_KINDS[number] and row["va"] == VA
+
+
+@pytest.mark.parametrize("number", [9, 10, 11])
+def test_emulate_unshadow_records(number: int) -> None:
+    data = struct.pack("<QQ", 0x6192, VA)
+    row = decode_bytes(window(1, shadow(number, data))).table.row(0, named=True)
+    assert (row["kind"], row["gfn"], row["va"]) == (rec.SHADOW_KINDS[number], 0x6192, VA)
+
+
+@pytest.mark.parametrize("number", [12, 13, 14, 15])
+def test_gfn_records_of_common_c_have_no_level_bits(number: int) -> None:
+    row = decode_bytes(window(1, shadow(number, struct.pack("<Q", 0x1234)))).table.row(
+        0, named=True
+    )
+    assert (row["kind"], row["gfn"]) == (rec.SHADOW_KINDS[number], 0x1234)
+
+
+def test_hvm_records() -> None:
+    data = window(
+        1,
+        vmexit(0x13, RIP),
+        record(rec.TRC_HVM_CR_WRITE64, struct.pack("<IQ", 3, 0x6064000)),
+        record(rec.TRC_HVM_PF_INJECT64, struct.pack("<IQ", 2, VA)),
+        record(rec.TRC_HVM_INVLPG64, struct.pack("<IQ", 0, VA)),
+        cpuid(rec.MARKER_LEAF),
+        record(0x0008207F, b""),  # an HVM handler record this decoder has no layout for
+    )
+    got = decode_bytes(data).table
+    assert got["kind"].to_list() == [
+        "vmexit", "cr_write", "pf_inject", "invlpg", "cpuid", "hvm_0x8207f"
+    ]
+    assert got.row(1, named=True)["cr"] == 3 and got.row(1, named=True)["value"] == 0x6064000
+    assert got.row(2, named=True)["va"] == VA and got.row(2, named=True)["error_code"] == 2
+    assert got.row(4, named=True)["leaf"] == rec.MARKER_LEAF
+    assert got["exit_name"].to_list() == ["cr3_write"] * 6  # all inside the CR3-write exit
+
+
+def test_lost_and_unknown_records_are_counted_wrap_padding_dropped() -> None:
+    lost = record(rec.TRC_LOST_RECORDS, struct.pack("<IHHQ", 7, 1, 0, 5), tsc=9)
+    wrap = record(rec.TRC_TRACE_WRAP_BUFFER, b"\0" * 8)
+    strange = record(0x0123F456, b"\0" * 4)
+    two_level = record(rec.TRC_SHADOW | 6, struct.pack("<IIi", 0, 0, 0))  # a 2-level fixup
+    short = shadow(6, struct.pack("<Q", VA))  # a fixup with too few words
+    got = decode_bytes(window(1, lost, wrap, strange, two_level, short))
+    assert got.lost == 7  # the count in the lost-records record
+    assert got.unknown == 3  # strange, two_level, short
+    assert got.table["kind"].to_list() == ["lost_records", "unknown", "unknown", "unknown"]
+
+
+def test_windows_of_two_cpus() -> None:
+    data = window(0, vmexit(0x72, USER_RIP)) + window(1, fixup(0)) + window(0, fixup(0))
+    got = decode_bytes(data)
+    assert got.pcpus == [0, 1]
+    # CPU 0's second window continues its exit; CPU 1 had none
+    assert got.table["rip"].to_list() == [USER_RIP, None, USER_RIP]
+
+
+# -- bad input: a clear error with the byte offset, never a traceback ---------
+def test_truncated_and_broken_files(tmp_path: Path) -> None:
+    good = window(1, vmexit(0x4E, RIP), fixup(0))
+    cases = {
+        "empty": (b"", "empty xentrace file"),
+        "header cut": (good + b"\x01\x02", "truncated record header"),
+        "record cut": (good[:-3], "runs past the end"),
+        "no cpu change": (fixup(0), "no CPU-change record first"),
+    }
+    for name, (data, message) in cases.items():
+        with pytest.raises(TraceFormatError, match=message) as err:
+            decode_bytes(data, path=Path(name))
+        assert err.value.offset is not None, name
+    # a record longer than what its window says
+    body = fixup(0)
+    bad = record(rec.TRC_TRACE_CPU_CHANGE, struct.pack("<iI", 1, len(body) - 4)) + body
+    with pytest.raises(TraceFormatError, match="crosses the end") as err2:
+        decode_bytes(bad)
+    assert err2.value.offset == 12  # right after the 12-byte CPU-change record
+    # a final record cut short where the window would still have room
+    cut = record(rec.TRC_TRACE_CPU_CHANGE, struct.pack("<iI", 1, 100)) + body[:-4]
+    with pytest.raises(TraceFormatError, match="runs past the end"):
+        decode_bytes(cut)
+    missing = tmp_path / "none.raw"
+    with pytest.raises(TraceFormatError, match="cannot read"):
+        decode(missing)
+
+
+# -- annotation: vCPUs, markers, windows, symbols ------------------------------
+def _run() -> bytes:
+    """kernel marker, start, a fix inside, a kernel-module marker, stop, one after."""
+    return window(
+        1,
+        vmexit(0x72, USER_RIP, tsc=10), cpuid(rec.MARKER_LEAF), vmentry(11),
+        vmexit(0x4E, RIP, tsc=12), fixup(bit("l1_get_ref")), vmentry(13),
+        vmexit(0x72, USER_RIP, tsc=20), cpuid(rec.MARKER_LEAF), vmentry(21),
+        vmexit(0x4E, RIP, tsc=30), fixup(bit("l1_get_ref")), vmentry(31),
+        vmexit(0x72, RIP, tsc=35), cpuid(rec.MARKER_LEAF), vmentry(36),
+        vmexit(0x72, USER_RIP, tsc=40), cpuid(rec.MARKER_LEAF), vmentry(41),
+        vmexit(0x4E, RIP, tsc=50), fixup(0), vmentry(51),
+    )
+
+
+CONSOLE = "boot\nstmark: kernel _text ffffffff81000000\r\nstmark: start\nstmark: stop\n"
+
+
+def test_console_markers() -> None:
+    assert console_markers(CONSOLE) == ["kernel _text ffffffff81000000", "start", "stop"]
+
+
+def test_marker_names_take_a_full_list_only_when_it_fits() -> None:
+    kernel = [False, True, False]
+    assert marker_names(kernel, ["a", "b"]) == ["a", "kernel-marker", "b"]
+    assert marker_names(kernel, ["a", "b"], ["x", "y", "z"]) == ["x", "y", "z"]
+    assert marker_names(kernel, ["a"], ["x", "y"]) == ["a", "kernel-marker", "marker#2"]
+
+
+def test_annotate_windows_and_symbols() -> None:
+    names = {RIP: "clear_page_erms+0x7", USER_RIP: "0x401234"}
+    df = annotate(decode_bytes(_run()), pcpus=[1], console=CONSOLE, name_pc=names.__getitem__)
+    fixes = df.filter(df["kind"] == "fixup")
+    # one fix before start, one inside (after start, before stop), one after stop
+    assert fixes["window"].to_list() == ["before", "inside", "after"]
+    assert fixes["symbol"].to_list() == ["clear_page_erms+0x7"] * 3
+    assert fixes["vcpu"].to_list() == [0, 0, 0]  # pCPU 1 is vCPU 0
+    marks = df.filter(df["marker"].is_not_null())
+    # user markers named from the console in order; the kernel-mode one has no text
+    assert marks["marker"].to_list() == [
+        "kernel _text ffffffff81000000", "start", "kernel-marker", "stop"
+    ]
+    assert marks["window"].to_list() == ["before", "marker", "inside", "marker"]
+    assert fixes["after_marker"].to_list() == [
+        "kernel _text ffffffff81000000", "start", "stop"
+    ]
+
+
+def test_annotate_merges_two_guest_cpus_by_tsc() -> None:
+    data = window(1, vmexit(0x4E, RIP, tsc=30), fixup(0, va=0x3000)) + window(
+        2, vmexit(0x4E, RIP, tsc=20), fixup(0, va=0x2000)
+    )
+    df = annotate(decode_bytes(data), pcpus=[1, 2], console="")
+    fixes = df.filter(df["kind"] == "fixup")
+    assert fixes["va"].to_list() == [0x2000, 0x3000]  # vCPU 1's fix came first (TSC 20 < 30)
+    assert fixes["vcpu"].to_list() == [1, 0]
+    assert fixes["window"].to_list() == ["before", "before"]  # no start marker at all
