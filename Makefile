@@ -3,6 +3,7 @@
 #
 #   make demo    set up what is missing, capture the seed scenario, replay it
 #   make test    set up what is missing, run the whole test suite
+#   make xen     fetch the real Xen and build its dom0 (part of `make test`)
 #
 # Everything is built under build/ (cached; `make clean` removes it).
 
@@ -20,10 +21,11 @@ GUEST     := $(BUILD)/guest
 PLUGIN    := $(BUILD)/plugin/libshadowtrace.so
 QEMU_INC  := $(BUILD)/qemu-include
 GEN       := $(BUILD)/gen
+XEN       := $(BUILD)/xen
 
 export SHADOWTRACE_BUILD := $(BUILD)
 
-.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin python
+.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin python xen
 .DELETE_ON_ERROR:
 
 all: setup
@@ -62,6 +64,12 @@ $(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/*/us
 	@mkdir -p $(GUEST)
 	bash scripts/build-scenario.sh $* $(KVER) $(BUILD)
 
+# -- the real Xen (pinned Debian build with shadow paging) and its dom0 -----
+xen: $(XEN)/.built
+$(XEN)/.built: scripts/setup-xen.sh guest/xen-dom0-init $(GUEST)/vmlinuz $(BUILD)/.system-$(KVER)
+	bash scripts/setup-xen.sh $(KVER) $(BUILD)
+	@touch $@
+
 # -- Python: a private venv with the package and its dependencies ----------
 python: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -77,7 +85,7 @@ demo: setup
 	$(ST) replay out/seed.trace --watch-console \
 	    --secure 'console:The address allocated is ([0-9a-f]+)'
 
-test: setup lint
+test: setup lint xen
 	$(PY) -m pytest -q
 
 lint: python
