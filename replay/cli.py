@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ShadowtraceError
+from .session import DEFAULT_CONSOLE_REGEX
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,10 +102,6 @@ def _add_replay_options(parser: argparse.ArgumentParser) -> None:
                         help="checks in policy mode (refuse secure mappings outside secure roots)")
 
 
-#: --watch-console's default: the seed module's printk.
-DEFAULT_CONSOLE_REGEX = r"The address allocated is ([0-9a-f]+)"
-
-
 def _capture(args: argparse.Namespace) -> int:
     from qmp_tools.capture import CaptureOptions, capture
     from qmp_tools.errors import GuestError
@@ -146,139 +143,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_va(text: str) -> int:
-    from .errors import UsageError
+def _options(args: argparse.Namespace) -> Any:
+    """The replay options of ``replay`` (and ``check --update``) from the command line."""
+    from .session import ReplayOptions, parse_va
 
-    try:
-        va = int(text, 16)
-    except ValueError:
-        raise UsageError(f"--watch {text!r}: not a hex address") from None
-    if not 0 <= va < 1 << 64:
-        raise UsageError(f"--watch {text!r}: not a 64-bit address")
-    return va
-
-
-def _console_vas(trace: Path, regex: str) -> list[int]:
-    """Group 1 of every match of ``regex`` in the trace's console log."""
-    import re
-
-    from .errors import UsageError
-
-    try:
-        pattern = re.compile(regex)
-    except re.error as err:
-        raise UsageError(f"--watch-console {regex!r}: {err}") from None
-    if pattern.groups < 1:
-        raise UsageError(f"--watch-console {regex!r}: the regex has no group")
-    text = _console_text(trace)
-    log = trace
-    vas: list[int] = []
-    for m in pattern.finditer(text):
-        try:
-            va = int(m.group(1), 16)
-        except (TypeError, ValueError):
-            raise UsageError(f"{log}: {m.group(0)!r}: group 1 is not a hex VA") from None
-        if va not in vas:
-            vas.append(va)
-    if not vas:
-        raise UsageError(f"{log}: no line matches {regex!r}")
-    return vas
-
-
-def _engine_config(path: Path | None, header: dict[str, Any]) -> Any:
-    """The config file's options over the trace header's vCPUs and RAM."""
-    from .config import EngineConfig
-
-    cfg = EngineConfig.for_trace(header, path)
-    # the fact log would grow with the trace: consumers take facts as they come
-    cfg.record_facts = False
-    return cfg
-
-
-def _console_text(trace: Path) -> str:
-    """The guest console log kept beside a trace (capture's NAME.console.log)."""
-    from qmp_tools.capture import side_paths
-
-    from .errors import UsageError
-
-    log = side_paths(trace)[0]
-    try:
-        return log.read_text(errors="replace")
-    except OSError as err:
-        raise UsageError(f"{log}: cannot read the console log: {err.strerror}") from None
-
-
-def _make_checker(args: argparse.Namespace, engine: Any) -> Any:
-    """The secure-page checks C1-C8 over this replay (replay.checks)."""
-    from .checks import Checker
-
-    console = None
-    if any(spec.startswith("console:") for spec in args.secure):
-        console = _console_text(args.trace)
-    return Checker(engine, secure=list(args.secure), console=console, policy=args.policy)
+    return ReplayOptions(
+        trace=args.trace, config=args.config, watch=[parse_va(v) for v in args.watch],
+        watch_console=args.watch_console, no_dedup=args.no_dedup, secure=list(args.secure),
+        policy=args.policy, json=getattr(args, "json", None),
+        parquet=getattr(args, "parquet", None),
+        allow_truncated=getattr(args, "allow_truncated", False),
+    )
 
 
 def _replay(args: argparse.Namespace) -> int:
     from .report import print_replay_summary
+    from .session import replay
 
-    print_replay_summary(_replay_doc(args))
+    print_replay_summary(replay(_options(args)).doc)
     return 0
-
-
-def _replay_doc(args: argparse.Namespace) -> dict[str, Any]:
-    """Replay as the options say; write --json/--parquet; return the results."""
-    import time
-
-    from . import results
-    from .engine import ShadowEngine
-    from .reader import TraceReader
-    from .replayer import Replayer
-    from .report import replay_progress
-    from .timeline import FactHub, ShadowLifetimes, Timeline, drive
-
-    watch = [_parse_va(v) for v in args.watch]
-    if args.watch_console is not None:
-        watch += [va for va in _console_vas(args.trace, args.watch_console) if va not in watch]
-    start = time.monotonic()
-    with TraceReader(args.trace, allow_truncated=args.allow_truncated) as reader:
-        header = reader.header
-        cfg = _engine_config(args.config, header)
-        hub = FactHub()
-        engine = ShadowEngine(cfg, on_fact=hub)
-        timeline = Timeline(engine, watch)
-        lifetimes = ShadowLifetimes()
-        hub.add(lifetimes)
-        observers: list[Any] = []
-        if watch:
-            hub.add(timeline)
-            observers.append(timeline)
-        events = None
-        if args.parquet is not None:
-            events = results.EventTable(watched=timeline.watched_pages)
-            hub.add(events)
-            observers.append(events)
-        checker = _make_checker(args, engine)
-        hub.add(checker)
-        replayer = Replayer(engine, dedup=not args.no_dedup)
-        with replay_progress(args.trace) as progress:
-            stats = drive(replayer, reader, observers,
-                          on_chunk=lambda c: progress(reader, c))
-        footer, truncated = reader.footer, reader.truncated
-    # ---- findings: the secure-page checks (replay.checks) report here ----
-    checker.finish(stats)  # C7 comes from the replayer's cross-check
-    findings = list(checker.findings)
-    duration = time.monotonic() - start
-    namer = _namer(header, stats.markers) if watch or events or findings else None
-    doc = results.build(
-        trace=args.trace, header=header, footer=footer, truncated=truncated, config=cfg,
-        engine=engine, stats=stats, dedup=not args.no_dedup, duration=duration,
-        timeline=timeline if watch else None, findings=findings, namer=namer,
-    )
-    if args.json is not None:
-        results.write_json(args.json, doc)
-    if args.parquet is not None:
-        results.write_parquet(args.parquet, events, lifetimes, namer)
-    return doc
 
 
 #: Replay options an expectation file keeps, with their defaults.
@@ -314,13 +197,18 @@ def _check(args: argparse.Namespace) -> int:
             if args.config else None
         )
         expected = None
-    replay_args = argparse.Namespace(
-        trace=args.trace, json=None, parquet=None, allow_truncated=False,
-        **{k: options.get(k, default) for k, default in CHECK_OPTIONS.items()},
+    from .session import ReplayOptions, parse_va, replay
+
+    stored_opts = {k: options.get(k, default) for k, default in CHECK_OPTIONS.items()}
+    config = stored_opts["config"]
+    opts = ReplayOptions(
+        trace=args.trace,
+        config=None if config is None else args.expect.parent / config,
+        watch=[parse_va(v) for v in stored_opts["watch"]],
+        watch_console=stored_opts["watch_console"], no_dedup=stored_opts["no_dedup"],
+        secure=list(stored_opts["secure"]), policy=stored_opts["policy"],
     )
-    if replay_args.config is not None:
-        replay_args.config = args.expect.parent / replay_args.config
-    got = json.loads(json.dumps(expectation(_replay_doc(replay_args)), default=str))
+    got = json.loads(json.dumps(expectation(replay(opts).doc), default=str))
     if args.update:
         args.expect.write_text(
             json.dumps({"options": options, "expected": got}, indent=1, sort_keys=True) + "\n"
@@ -365,28 +253,6 @@ def _plot(args: argparse.Namespace) -> int:
     draw(series, args.out, size=(width, height))
     print(f"{args.out}: {series.events} events, {series.bins} bins")
     return 0
-
-
-def _namer(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:
-    """PC -> ``symbol+0xoff [module]`` from the guest build's symbols."""
-    from qmp_tools.paths import BuildPaths
-
-    from .symbols import from_markers
-
-    paths = BuildPaths.default()
-    scenario = str(header.get("scenario") or "")
-    dirs = [paths.module_dir(scenario)] if scenario else []
-    syms = from_markers([m for _, _, m in markers], system_map=paths.kallsyms,
-                        module_dirs=dirs)
-    cache: dict[int, str] = {}
-
-    def name(pc: int) -> str:
-        got = cache.get(pc)
-        if got is None:
-            got = cache[pc] = syms.name(pc)
-        return got
-
-    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -221,6 +221,21 @@ _CR4_PSE, _CR4_PAE, _CR4_PGE, _CR4_PCIDE, _CR4_SMEP = 1 << 4, 1 << 5, 1 << 7, 1 
 _CR4_MODE_BITS: Final = _CR4_PSE | _CR4_PAE | _CR4_PGE | _CR4_SMEP
 
 FactSink = Callable[[Fact], None]
+#: How a shadow fault ended (ShadowEngine._fault_path), Xen's exit paths of
+#: sh_page_fault: ``fixed`` (trace_shadow_fixup), ``emulate`` (an emulated
+#: page-table write, slow path) and ``fast_emulate`` (SHOPT_FAST_EMULATION),
+#: both traced by trace_shadow_emulate; ``guest_fault`` (trace_not_shadow_fault),
+#: ``fast_gnp`` (TRC_SHADOW_FAST_PROPAGATE), ``fast_mmio`` / ``mmio``,
+#: ``user_write_unshadow`` (TRC_SHADOW_EMULATE_UNSHADOW_USER); and the model's
+#: own ends ``walk_unknown``, ``superpage_1g``, ``prealloc_failed``, ``no_root``,
+#: ``no_l1``.
+FAULT_OUTCOMES: Final = (
+    "fixed", "emulate", "fast_emulate", "guest_fault", "fast_gnp", "fast_mmio", "mmio",
+    "user_write_unshadow", "walk_unknown", "superpage_1g", "prealloc_failed", "no_root",
+    "no_l1",
+)
+#: ``on_fault(event, vcpu, va, write, outcome, write_access_removed)``.
+FaultHook = Callable[[int, int, int, bool, str, bool], None]
 EventHook = Callable[[int, int, int, int, int, int, int, list[str] | None], None]
 
 
@@ -244,6 +259,8 @@ class ShadowEngine:
         self.config.validate()
         self.guest = guest if guest is not None else GuestMemory()
         self.on_fact = on_fact
+        #: told how every shadow fault ended (see FAULT_OUTCOMES); None: nobody asks
+        self.on_fault: FaultHook | None = None
         #: Policy hook (policy mode of the checks): called as
         #: ``refuse_leaf(vcpu, target_frame, fetch)`` for every present leaf
         #: about to be propagated; True makes the shadow entry empty.
@@ -608,6 +625,19 @@ class ShadowEngine:
 
     def _fault(self, v: VCpu, vcpu: int, va: int, write: bool, user: bool,
                fetch: bool) -> None:
+        """sh_page_fault; an ``on_fault`` hook is told how the fault ended."""
+        hook = self.on_fault
+        if hook is None:
+            self._fault_path(v, vcpu, va, write, user, fetch)
+            return
+        before = self.counters["shadow_writeable"]
+        outcome = self._fault_path(v, vcpu, va, write, user, fetch)
+        hook(self._event, vcpu, va, write, outcome,
+             self.counters["shadow_writeable"] != before)
+
+    def _fault_path(self, v: VCpu, vcpu: int, va: int, write: bool, user: bool,
+                    fetch: bool) -> str:
+        """The fault proper; returns its outcome (one of :data:`FAULT_OUTCOMES`)."""
         c = self.counters
         cfg = self.config
         c["shadow_fault"] += 1
@@ -623,7 +653,7 @@ class ShadowEngine:
                     v.last_write_emul_ok = False
                 else:
                     c["shadow_fault_fast_emulate"] += 1
-                    return
+                    return "fast_emulate"
             else:
                 v.last_write_emul_ok = False
         # SHOPT_FAST_FAULT_PATH: magic entries answer without a walk.
@@ -637,39 +667,39 @@ class ShadowEngine:
                     else:
                         c["shadow_fault_fast_mmio"] += 1
                     v.last_emulated_mfn_for_unshadow = None
-                    return
+                    return "fast_gnp" if leaf[1] & SH_GNP else "fast_mmio"
         access = Access.WRITE if write else (Access.FETCH if fetch else Access.READ)
         assert v.xen_cr3 is not None
         gw = self.guest.walk(v.xen_cr3, va, access, user)
         if gw.status is WalkStatus.UNKNOWN:
             c["walk_unknown"] += 1
-            return
+            return "walk_unknown"
         if gw.status is WalkStatus.FAULT:
             c["shadow_fault_bail_real_fault"] += 1
             v.last_emulated_mfn_for_unshadow = None
             self._fact("guest-fault", -1, gw.level, (va >> PAGE_SHIFT) & 0x1FF,
                        0, gw.entries[-1] if gw.entries else 0, gw.reason.name.lower())
-            return
+            return "guest_fault"
         if gw.level == 3:
             # 1 GiB leaf: Xen's shadow code cannot splinter it (it never
             # offers 1 GiB pages to shadowed guests).
             c["shadow_fault_superpage_1g"] += 1
-            return
+            return "superpage_1g"
         gfn = gw.gfn
         if cfg.virtual_tlb:
             pfec = 1 | (2 if write else 0) | (4 if user else 0) | (16 if fetch else 0)
             v.vtlb[(va >> PAGE_SHIFT) % VTLB_ENTRIES] = (va >> PAGE_SHIFT, gfn, pfec)
         if not self._prealloc(3):
-            return
+            return "prealloc_failed"
         if v.slot is None or v.slot not in self.shadows:
             c["shadow_fault_no_root"] += 1
-            return
+            return "no_root"
         # Write-protect the walked L3, L2 and L1 frames (OOS ones resync).
         self._gw_remove_write_accesses(gw)
         ft = Fetch.DEMAND_WRITE if write else Fetch.DEMAND_READ
         got = self._get_and_create_l1e(v, gw, ft)
         if got is None:
-            return
+            return "no_l1"
         sl1, i1 = got
         mmio = self._is_mmio(gfn)
         # OOS: a write to a shadowed L1 frame unsyncs it.
@@ -688,18 +718,19 @@ class ShadowEngine:
                 # them as a hint that the frame is no page table any more.
                 c["shadow_fault_emulate_failed"] += 1
                 self._remove_all_shadows(gfn, "user-write")
-                return
+                return "user_write_unshadow"
             if cfg.fast_emulation:
                 v.last_emulated_frame = va >> PAGE_SHIFT
                 v.last_emulated_mfn = gfn
                 v.last_write_emul_ok = True
-            return
+            return "emulate"
         if mmio:
             c["shadow_fault_mmio"] += 1
             v.last_emulated_mfn_for_unshadow = None
-            return
+            return "mmio"
         c["shadow_fault_fixed"] += 1
         v.last_emulated_mfn_for_unshadow = None
+        return "fixed"
 
     def _get_and_create_l1e(self, v: VCpu, gw: Walk, ft: Fetch) -> tuple[Shadow, int] | None:
         """Xen's shadow_get_and_create_l1e: make and link missing L3, L2, L1

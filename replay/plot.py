@@ -153,10 +153,10 @@ def collect(reader: TraceReader, config: Any, *, bins: int = 400) -> Series:
 def series_for(trace: str | Path, config_path: Path | None = None, *,
                bins: int = 400) -> Series:
     """:func:`collect` on a trace file; the engine config as ``replay`` makes it."""
-    from .cli import _engine_config
+    from .session import engine_config
 
     with TraceReader(trace) as reader:
-        return collect(reader, _engine_config(config_path, reader.header), bins=bins)
+        return collect(reader, engine_config(config_path, reader.header), bins=bins)
 
 
 def draw(series: Series, out: str | Path, *, size: tuple[float, float] = (12.0, 8.0),

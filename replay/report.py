@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from qmp_tools.capture import CaptureResult
@@ -228,3 +229,65 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
             for sev, n in sorted(by.items()):
                 t.add_row(sev, f"{n:,}")
             out.print(t)
+
+
+# --------------------------------------------------------------------------
+# the real Xen (replay.xen)
+# --------------------------------------------------------------------------
+def _plain(text: Any) -> Text:
+    """A cell whose text comes from a trace: never read as rich markup."""
+    return Text("-" if text is None else str(text))
+
+
+def print_xen_summary(doc: dict[str, Any]) -> None:
+    """``shadowtrace xen``'s table: Xen's records by kind and window."""
+    out = _wide()
+    out.print(Text(f"Xen run of {doc['scenario']}: {doc['records']:,} records, "
+                   f"{doc['duration_s']:.1f} s"))
+    windows = ("before", "inside", "after")
+    table = Table(title="Xen trace records by kind (guest vCPUs; inside = between the "
+                  "start and stop markers)")
+    table.add_column("kind")
+    for w in windows:
+        table.add_column(w, justify="right")
+    for kind, by in doc["by_kind"].items():
+        table.add_row(_plain(kind), *(f"{by.get(w, 0):,}" for w in windows))
+    out.print(table)
+    if doc["lost"]:
+        out.print(Text(f"WARNING: Xen lost {doc['lost']:,} records (trace buffer full)"))
+    if doc["unknown"]:
+        out.print(Text(f"{doc['unknown']:,} records of unknown kind (counted, not decoded)"))
+    if not doc["symbols"]:
+        out.print(Text("no kernel symbols: the guest console had no 'stmark: kernel' line"))
+    for label in ("console_log", "xentrace", "parquet"):
+        out.print(Text(f"{label.replace('_', ' ')}: {doc[label]}"))
+
+
+def print_compare(doc: dict[str, Any]) -> None:
+    """``shadowtrace compare``: answers and window metrics, model beside Xen."""
+    out = _wide()
+    answers = Table(title="first shadow event of each watched VA inside the window")
+    for col in ("VA (model)", "model", "model symbol", "VA (Xen)", "Xen", "Xen symbol",
+                "agree"):
+        answers.add_column(col)
+    for a in doc["answers"]:
+        m, x = a["model"], a["xen"]
+        answers.add_row(_plain(a["va_model"]), _plain(m["kind"]), _plain(m["symbol"]),
+                        _plain(a["va_xen"]), _plain(x["kind"]), _plain(x["symbol"]),
+                        "yes" if a["agree"] else "NO")
+    out.print(answers)
+    metrics = Table(title="inside the marker window: model vs real Xen")
+    for col in ("metric", "model", "Xen", "model / Xen"):
+        metrics.add_column(col, justify="left" if col == "metric" else "right")
+    for m in doc["metrics"]:
+        ratio = "-" if m["ratio"] is None else f"{m['ratio']:.3g}"
+        metrics.add_row(_plain(m["name"]), _fmt(m["model"]), _fmt(m["xen"]), ratio)
+    out.print(metrics)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return f"{value:,}"

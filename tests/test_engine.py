@@ -623,3 +623,48 @@ def test_validation_of_entry_with_a_clear_is_not_present() -> None:
     d.read(U + 0x3000, user=True)
     assert d.e.shadows[(l1, L1)].entries[3] & SH_P
     assert d.c["shadow_fault_fixed"] == 2  # the first read of U, and this one
+
+
+# --------------------------------------------------------------------------
+# The on_fault hook: how each fault ended, as Xen's trace records say it
+# --------------------------------------------------------------------------
+def test_on_fault_reports_each_fault_outcome_once() -> None:
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, DATA)
+    t.map(root, dm(l1), l1, KDATA)  # the kernel's direct map of that L1
+    d = Driver(out_of_sync=False)
+    seen: list[tuple[int, str, bool]] = []
+    d.e.on_fault = lambda ev, vcpu, va, write, outcome, wrmap: seen.append((va, outcome, wrmap))
+    d.load(t)
+    d.cr3(root)
+    d.read(U, user=True)  # builds the path: fixed
+    d.read(U + 0x20_0000, user=True)  # nothing mapped at L2 index 3: a guest fault
+    d.store(t, l1, 1, NEW_LEAF)  # a supervisor write to a shadowed L1: emulated
+    d.store(t, l1, 2, NEW_LEAF)  # the same page again: SHOPT_FAST_EMULATION
+    assert [(va, o) for va, o, _ in seen] == [
+        (U, "fixed"), (U + 0x20_0000, "guest_fault"), (dm(l1) + 8, "emulate"),
+        (dm(l1) + 16, "fast_emulate"),
+    ]
+    # no fault had a writable mapping to remove: the L1 frame was already a
+    # page table when its direct-map entry was first shadowed (read-only)
+    assert [w for _, _, w in seen] == [False, False, False, False]
+    # the counters agree with the outcomes
+    assert d.c["shadow_fault_fixed"] == 1 and d.c["shadow_fault_bail_real_fault"] == 1
+    assert d.c["shadow_fault_emulate_write"] == 1 and d.c["shadow_fault_fast_emulate"] == 1
+
+
+def test_on_fault_says_when_a_fault_removed_write_access() -> None:
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, DATA)
+    t.map(root, dm(l1), l1, KDATA)
+    d = Driver(out_of_sync=False)
+    seen: list[tuple[str, bool]] = []
+    d.e.on_fault = lambda ev, vcpu, va, write, outcome, wrmap: seen.append((outcome, wrmap))
+    d.load(t)
+    d.cr3(root)
+    d.write(dm(l1))  # the direct map of the L1 frame, writable: not a page table yet
+    d.read(U, user=True)  # shadowing the L1 removes that writable mapping
+    assert seen == [("fixed", False), ("fixed", True)]
+    assert d.c["shadow_writeable"] == 1  # the one entry made read-only

@@ -1,0 +1,201 @@
+"""One replay, wired once: the code every command that replays a trace uses.
+
+``shadowtrace replay``, ``check`` and ``compare`` (and ``plot`` for the
+engine configuration) build a :class:`ReplayOptions` and call
+:func:`replay`; nothing else puts an engine, its fact consumers, the checks
+and the replayer together.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import EngineConfig
+from .engine import Fact, FaultHook, ShadowEngine
+from .errors import UsageError
+from .replayer import ReplayStats
+from .timeline import Timeline
+
+#: --watch-console's default: the seed module's printk.
+DEFAULT_CONSOLE_REGEX = r"The address allocated is ([0-9a-f]+)"
+
+
+@dataclass
+class ReplayOptions:
+    """What a replay is asked to do (the options of ``shadowtrace replay``)."""
+
+    trace: Path
+    config: Path | None = None
+    watch: list[int] = field(default_factory=list)
+    watch_console: str | None = None
+    no_dedup: bool = False
+    secure: list[str] = field(default_factory=list)
+    policy: bool = False
+    json: Path | None = None
+    parquet: Path | None = None
+    allow_truncated: bool = False
+
+
+@dataclass
+class Replay:
+    """A finished replay: the results document and the parts that made it."""
+
+    doc: dict[str, Any]
+    engine: ShadowEngine
+    timeline: Timeline
+    stats: ReplayStats
+    namer: Callable[[int], str] | None
+
+
+def parse_va(text: str, option: str = "--watch") -> int:
+    try:
+        va = int(text, 16)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: not a hex address") from None
+    if not 0 <= va < 1 << 64:
+        raise UsageError(f"{option} {text!r}: not a 64-bit address")
+    return va
+
+
+def console_vas(text: str, regex: str, where: str) -> list[int]:
+    """Group 1 of every match of ``regex`` in a console text, as VAs, first seen first."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as err:
+        raise UsageError(f"--watch-console {regex!r}: {err}") from None
+    if pattern.groups < 1:
+        raise UsageError(f"--watch-console {regex!r}: the regex has no group")
+    vas: list[int] = []
+    for m in pattern.finditer(text):
+        try:
+            va = int(m.group(1), 16)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: {m.group(0)!r}: group 1 is not a hex VA") from None
+        if va not in vas:
+            vas.append(va)
+    if not vas:
+        raise UsageError(f"{where}: no line matches {regex!r}")
+    return vas
+
+
+def console_text(trace: Path) -> str:
+    """The guest console log kept beside a trace (capture's NAME.console.log)."""
+    log = console_path(trace)
+    try:
+        return log.read_text(errors="replace")
+    except OSError as err:
+        raise UsageError(f"{log}: cannot read the console log: {err.strerror}") from None
+
+
+def console_path(trace: Path) -> Path:
+    """Where capture puts a trace's console log (``NAME.console.log``)."""
+    from qmp_tools.capture import side_paths
+
+    return side_paths(trace)[0]
+
+
+def engine_config(path: Path | None, header: dict[str, Any]) -> EngineConfig:
+    """The config file's options over the trace header's vCPUs and RAM."""
+    cfg = EngineConfig.for_trace(header, path)
+    # the fact log would grow with the trace: consumers take facts as they come
+    cfg.record_facts = False
+    return cfg
+
+
+def namer_for_trace(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:
+    """PC -> ``symbol+0xoff [module]`` from the guest build's symbols."""
+    from qmp_tools.paths import BuildPaths
+
+    from .symbols import from_markers
+
+    paths = BuildPaths.default()
+    scenario = str(header.get("scenario") or "")
+    dirs = [paths.module_dir(scenario)] if scenario else []
+    syms = from_markers([m for _, _, m in markers], system_map=paths.kallsyms,
+                        module_dirs=dirs)
+    cache: dict[int, str] = {}
+
+    def name(pc: int) -> str:
+        got = cache.get(pc)
+        if got is None:
+            got = cache[pc] = syms.name(pc)
+        return got
+
+    return name
+
+
+def replay(
+    opts: ReplayOptions,
+    *,
+    sinks: Iterable[Callable[[Fact], None]] = (),
+    on_fault: FaultHook | None = None,
+) -> Replay:
+    """Replay as the options say; write --json/--parquet; return the results.
+
+    :param sinks: more consumers of the engine's facts (after the built-in ones).
+    :param on_fault: told of every shadow fault the engine handles.
+    """
+    from . import results
+    from .checks import Checker
+    from .reader import TraceReader
+    from .replayer import Replayer
+    from .report import replay_progress
+    from .timeline import FactHub, ShadowLifetimes, drive
+
+    watch = list(opts.watch)
+    if opts.watch_console is not None:
+        text = console_text(opts.trace)
+        found = console_vas(text, opts.watch_console, str(console_path(opts.trace)))
+        watch += [va for va in found if va not in watch]
+    start = time.monotonic()
+    with TraceReader(opts.trace, allow_truncated=opts.allow_truncated) as reader:
+        header = reader.header
+        cfg = engine_config(opts.config, header)
+        hub = FactHub()
+        engine = ShadowEngine(cfg, on_fact=hub)
+        engine.on_fault = on_fault
+        timeline = Timeline(engine, watch)
+        lifetimes = ShadowLifetimes()
+        hub.add(lifetimes)
+        observers: list[Any] = []
+        if watch:
+            hub.add(timeline)
+            observers.append(timeline)
+        events = None
+        if opts.parquet is not None:
+            events = results.EventTable(watched=timeline.watched_pages)
+            hub.add(events)
+            observers.append(events)
+        console = None
+        if any(spec.startswith("console:") for spec in opts.secure):
+            console = console_text(opts.trace)
+        checker = Checker(engine, secure=list(opts.secure), console=console,
+                          policy=opts.policy)
+        hub.add(checker)
+        for sink in sinks:
+            hub.add(sink)
+        replayer = Replayer(engine, dedup=not opts.no_dedup)
+        with replay_progress(opts.trace) as progress:
+            stats = drive(replayer, reader, observers,
+                          on_chunk=lambda c: progress(reader, c))
+        footer, truncated = reader.footer, reader.truncated
+    # ---- findings: the secure-page checks (replay.checks) report here ----
+    checker.finish(stats)  # C7 comes from the replayer's cross-check
+    findings = list(checker.findings)
+    duration = time.monotonic() - start
+    namer = namer_for_trace(header, stats.markers) if watch or events or findings else None
+    doc = results.build(
+        trace=opts.trace, header=header, footer=footer, truncated=truncated, config=cfg,
+        engine=engine, stats=stats, dedup=not opts.no_dedup, duration=duration,
+        timeline=timeline if watch else None, findings=findings, namer=namer,
+    )
+    if opts.json is not None:
+        results.write_json(opts.json, doc)
+    if opts.parquet is not None:
+        results.write_parquet(opts.parquet, events, lifetimes, namer)
+    return Replay(doc, engine, timeline, stats, namer)
