@@ -74,6 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="event indexes FROM (included) to TO (excluded; empty: the end)")
     cut.set_defaults(func=_cut)
 
+    xen = sub.add_parser("xen", help="run a scenario under the real Xen (shadow paging) "
+                         "and decode Xen's own trace")
+    xen.add_argument("--scenario", default="seed", help="scenario folder name (default seed)")
+    xen.add_argument("--out", type=Path, default=Path("out/xen"), metavar="DIR",
+                     help="where NAME.xen.* go (default out/xen)")
+    xen.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds before the run counts as hung (default 300)")
+    xen.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
+    xen.set_defaults(func=_xen)
+
+    cmp = sub.add_parser("compare", help="put the model's replay of a trace beside Xen's "
+                         "run of the same scenario")
+    cmp.add_argument("--trace", type=Path, required=True, help="a bare-QEMU capture")
+    cmp.add_argument("--xen", type=Path, required=True, metavar="DIR",
+                     help="the --out folder of 'shadowtrace xen' for the same scenario")
+    cmp.add_argument("--watch-console", nargs="?", const=DEFAULT_CONSOLE_REGEX,
+                     metavar="REGEX",
+                     help="watch the hex VA in group 1 of REGEX, on each side's own console "
+                     f"(default {DEFAULT_CONSOLE_REGEX!r})")
+    cmp.add_argument("--config", type=Path, help="engine config (TOML or JSON)")
+    cmp.add_argument("--json", type=Path, metavar="FILE", help="write the comparison as JSON")
+    cmp.set_defaults(func=_compare)
+
     plot = sub.add_parser("plot", help="draw a PNG timeline of a replay")
     plot.add_argument("trace", type=Path)
     plot.add_argument("--out", type=Path, required=True, metavar="FILE.png")
@@ -235,6 +258,63 @@ def _cut(args: argparse.Namespace) -> int:
     print(f"{res.out}: events {res.first}:{res.end} of {args.trace} as {res.events} events "
           f"(state prefix: {res.snapshots} frames, {len(res.cr3)} CR3; "
           f"event {res.first} is now {res.base})")
+    return 0
+
+
+def _xen(args: argparse.Namespace) -> int:
+    """``shadowtrace xen``: run Xen (qmp_tools.xen), decode (replay.xen), summarise."""
+    from qmp_tools.errors import GuestError
+    from qmp_tools.paths import BuildPaths
+    from qmp_tools.xen import run_xen
+
+    from .errors import UsageError
+    from .report import print_xen_summary, progress_printer
+    from .xen.summary import build_table, summary_doc, write_parquet
+
+    if not 1 <= args.vcpus <= 1:
+        raise UsageError(f"--vcpus {args.vcpus}: only 1 for now (the host has 2 pCPUs, "
+                         "dom0 holds one)")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be positive")
+    paths = BuildPaths.default()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: {err.strerror}") from None
+    try:
+        with progress_printer(f"Xen: {args.scenario}") as progress:
+            run = run_xen(args.scenario, args.out, timeout=args.timeout, vcpus=args.vcpus,
+                          progress=progress, paths=paths)
+            progress("decoding Xen's trace")
+            console = run.console_log.read_text(errors="replace")
+            xt = build_table(
+                run.xentrace, console=console, pcpus=run.pcpus, kallsyms=paths.kallsyms,
+                module_dirs=[paths.module_dir(args.scenario)],
+                progress=lambda done, total: progress(f"decoding {done * 100 // total}%"),
+            )
+    except GuestError as err:
+        if err.console_tail:
+            sys.stderr.write("--- console (last lines) ---\n" + err.console_tail + "\n---\n")
+        raise
+    parquet = write_parquet(xt.table, args.out / f"{args.scenario}.xen.parquet")
+    print_xen_summary(summary_doc(xt, {
+        "scenario": args.scenario, "duration_s": run.duration,
+        "console_log": str(run.console_log), "xentrace": str(run.xentrace),
+        "parquet": str(parquet),
+    }))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``shadowtrace compare``: see replay.xen.compare."""
+    from . import results
+    from .report import print_compare
+    from .xen.compare import compare
+
+    doc = compare(args.trace, args.xen, watch_console=args.watch_console, config=args.config)
+    if args.json is not None:
+        results.write_json(args.json, doc)
+    print_compare(doc)
     return 0
 
 

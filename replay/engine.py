@@ -261,6 +261,8 @@ class ShadowEngine:
         self.on_fact = on_fact
         #: told how every shadow fault ended (see FAULT_OUTCOMES); None: nobody asks
         self.on_fault: FaultHook | None = None
+        #: told of every marker as ``on_marker(event, [name, args...])``
+        self.on_marker: Callable[[int, list[str]], None] | None = None
         #: Policy hook (policy mode of the checks): called as
         #: ``refuse_leaf(vcpu, target_frame, fetch)`` for every present leaf
         #: about to be propagated; True makes the shadow entry empty.
@@ -409,6 +411,8 @@ class ShadowEngine:
             self.window_open(index)
         elif kind == fmt.Kind.MARKER:
             self.counters["markers"] += 1
+            if self.on_marker is not None and marker:
+                self.on_marker(index, marker)
             if marker and self.config.cr3_targets_active == "secure":
                 self._secure_marker(marker[0])
         elif kind == fmt.Kind.WINDOW_CLOSE:

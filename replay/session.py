@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig
-from .engine import Fact, FaultHook, ShadowEngine
+from .engine import Fact, ShadowEngine
 from .errors import UsageError
 from .replayer import ReplayStats
 from .timeline import Timeline
@@ -133,12 +133,13 @@ def replay(
     opts: ReplayOptions,
     *,
     sinks: Iterable[Callable[[Fact], None]] = (),
-    on_fault: FaultHook | None = None,
+    attach: Callable[[ShadowEngine], None] | None = None,
 ) -> Replay:
     """Replay as the options say; write --json/--parquet; return the results.
 
     :param sinks: more consumers of the engine's facts (after the built-in ones).
-    :param on_fault: told of every shadow fault the engine handles.
+    :param attach: called with the engine before the first event (to set its
+        ``on_fault`` / ``on_marker`` hooks, say).
     """
     from . import results
     from .checks import Checker
@@ -158,7 +159,8 @@ def replay(
         cfg = engine_config(opts.config, header)
         hub = FactHub()
         engine = ShadowEngine(cfg, on_fact=hub)
-        engine.on_fault = on_fault
+        if attach is not None:
+            attach(engine)
         timeline = Timeline(engine, watch)
         lifetimes = ShadowLifetimes()
         hub.add(lifetimes)

@@ -51,6 +51,7 @@ LEVELS: tuple[str, ...] = ("L4", "L4e", "L3", "L3e", "L2", "L2e", "L1", "L1e")
 _ACCESS_MAX = int(fmt.Kind.FETCH)
 _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 _CR3_KINDS = (int(fmt.Kind.CR3_WRITE), int(fmt.Kind.CR3_CURRENT))
+_KIND_NAMES = {int(k): k.name.lower() for k in fmt.Kind}
 
 
 def va_index(va: int, level: int) -> int:
@@ -89,6 +90,9 @@ class Birth(NamedTuple):
     va: int
     #: The entry's value when it appeared (0 for a shadow).
     value: int
+    #: The kind of that event (``read``, ``write``, ``fetch``, ``table_write``,
+    #: ``cr3_write`` ...; "" when the event was not in the chunk at hand).
+    access: str = ""
 
 
 @dataclass(eq=False)
@@ -517,11 +521,13 @@ class Timeline(ChunkObserver):
         vcpus = self.engine.vcpus
         cr3 = vcpus[f.vcpu].cr3 if 0 <= f.vcpu < len(vcpus) else None
         pc = va = 0
+        access = ""
         ch = self._chunk
         if ch is not None and ch.first <= f.event < ch.first + ch.n:
             i = f.event - ch.first
             pc, va = int(ch.pc[i]), int(ch.va[i])
-        return Birth(f.event, f.reason, f.vcpu, cr3, pc, va, value)
+            access = _KIND_NAMES.get(int(ch.kind[i]), "")
+        return Birth(f.event, f.reason, f.vcpu, cr3, pc, va, value, access)
 
     def _propagated(self, f: Fact) -> None:
         key = (f.frame, ShadowType(f.type))

@@ -1,0 +1,300 @@
+"""The model beside the real Xen: one scenario, two runs.
+
+The model side is a replay of a bare-QEMU capture (``TRACE``); the Xen side
+is the record table of ``shadowtrace xen`` (``NAME.xen.parquet``). Both are
+cut to the marker window, the events between the scenario's ``start`` and
+``stop`` markers. The two runs place pages differently, so a watched VA is
+found on each side in that side's own console.
+
+Answers
+    For each watched VA, the first thing each side did to its leaf inside
+    the window. Model: the timeline's leaf entry (:mod:`replay.timeline`),
+    named ``demand-read`` / ``demand-write`` / ``demand-fetch`` (built by a
+    shadow fault of that access) or by its reason (``prefetch``,
+    ``validate``, ``resync`` ...), with its instruction's symbol. Xen: the
+    first shadow record whose VA is on the page (``fixup``,
+    ``not_shadow``, ``emulate`` ...; ``fixup+new-l1e`` when the record has
+    the ``l1_get_ref`` flag, i.e. Xen built a new shadow L1 entry), with the
+    symbol of the faulting instruction, or ``none``. They **agree** when the
+    model's demand fault meets Xen's ``fixup+new-l1e`` in the same function,
+    or when the model built the leaf without a fault (prefetch, validation,
+    resync) and Xen has no record for the page.
+
+Metrics
+    :data:`METRICS`: counts inside the window, each named once, with the
+    Xen record or flag it is counted from and the engine counter or fault
+    outcome it is compared with (``docs/compare.md`` has the same list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ..engine import Fact, ShadowEngine
+from ..errors import UsageError
+from ..session import ReplayOptions, console_text, console_vas, replay
+from .summary import read_parquet
+
+#: Xen records that stand for one shadow fault on their VA.
+FAULT_KINDS: tuple[str, ...] = (
+    "fixup", "not_shadow", "emulate", "mmio", "fast_propagate", "fast_mmio",
+    "false_fast_path", "emulate_unshadow_user", "emulate_unshadow_evtinj",
+    "emulate_unshadow_unhandled",
+)
+#: Xen records that carry TRCE_SFLAG path flags.
+FLAGGED_KINDS: tuple[str, ...] = ("fixup", "not_shadow", "emulate")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One window count, model vs Xen."""
+
+    name: str
+    #: what it counts, and where each side's number comes from
+    doc: str
+    model: Callable[[WindowTally], int]
+    xen: Callable[[pl.DataFrame], int]
+
+
+def _kinds(*kinds: str) -> Callable[[pl.DataFrame], int]:
+    return lambda df: df.filter(pl.col("kind").is_in(kinds)).height
+
+
+def _flag(flag: str) -> Callable[[pl.DataFrame], int]:
+    return lambda df: df.filter(
+        pl.col("kind").is_in(FLAGGED_KINDS)
+        & pl.col("flag_names").fill_null("").str.contains(f"(^|\\|){flag}(\\||$)")
+    ).height
+
+
+def _cr3(df: pl.DataFrame) -> int:
+    return df.filter((pl.col("kind") == "cr_write") & (pl.col("cr") == 3)).height
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("faults_fixed",
+           "shadow faults fixed by building or fixing shadow entries: Xen TRC_SHADOW_FIXUP "
+           "records (sh_page_fault's trace_shadow_fixup); model faults ending 'fixed'",
+           lambda t: t.outcome("fixed"), _kinds("fixup")),
+    Metric("faults_to_guest",
+           "faults that were the guest's own, passed on: Xen TRC_SHADOW_NOT_SHADOW + "
+           "TRC_SHADOW_FAST_PROPAGATE; model 'guest_fault' + 'fast_gnp'",
+           lambda t: t.outcome("guest_fault") + t.outcome("fast_gnp"),
+           _kinds("not_shadow", "fast_propagate")),
+    Metric("emulated_writes",
+           "page-table writes emulated (slow and fast path): Xen TRC_SHADOW_EMULATE "
+           "(trace_shadow_emulate); model 'emulate' + 'fast_emulate'",
+           lambda t: t.outcome("emulate") + t.outcome("fast_emulate"), _kinds("emulate")),
+    Metric("early_unshadows",
+           "shadows dropped by the early-unshadow rule: Xen EMULATE records with the "
+           "early_unshadow flag (check_for_early_unshadow); model counter "
+           "shadow_early_unshadow",
+           lambda t: t.counter("shadow_early_unshadow"), _flag("early_unshadow")),
+    Metric("user_write_unshadows",
+           "user-mode writes to a page table, taken as 'no page table any more': Xen "
+           "TRC_SHADOW_EMULATE_UNSHADOW_USER; model 'user_write_unshadow'",
+           lambda t: t.outcome("user_write_unshadow"), _kinds("emulate_unshadow_user")),
+    Metric("resyncs",
+           "out-of-sync L1s brought back in sync (write-protected again): Xen "
+           "TRC_SHADOW_RESYNC_FULL (_sh_resync); model counter shadow_resync",
+           lambda t: t.counter("shadow_resync"), _kinds("resync_full")),
+    Metric("unsyncs",
+           "L1s let out of sync: Xen fault records with the unsync flag (sh_unsync); model "
+           "counter shadow_unsync",
+           lambda t: t.counter("shadow_unsync"), _flag("unsync")),
+    Metric("write_access_removals",
+           "faults whose handling had to remove writable mappings of a new page table: Xen "
+           "fault records with the wrmap flag (sh_remove_write_access); model faults that "
+           "made a writable shadow entry read-only",
+           lambda t: t.wrmap, _flag("wrmap")),
+    Metric("pool_reclaims",
+           "top-level shadows unpinned to free pool memory: Xen TRC_SHADOW_PREALLOC_UNPIN "
+           "(_shadow_prealloc); model 'unpinned' facts with reason 'pool'",
+           lambda t: t.pool_unpins, _kinds("prealloc_unpin")),
+    Metric("cr3_writes",
+           "guest CR3 writes: Xen TRC_HVM_CR_WRITE64 records of CR3; model counters "
+           "cr3_write_intercepted + cr3_write_not_intercepted",
+           lambda t: t.counter("cr3_write_intercepted")
+           + t.counter("cr3_write_not_intercepted"), _cr3),
+    Metric("faulted_pages",
+           "distinct VA pages with at least one shadow fault: Xen fault records "
+           f"({', '.join(FAULT_KINDS)}); model faults of any outcome",
+           lambda t: len(t.pages),
+           lambda df: len(_fault_pages(df))),
+)
+#: The last metric: the share of faulted VA pages that the other side faults on too.
+SHARED = "faulted_pages_shared"
+SHARED_DOC = (
+    "share of the faulted VA pages the other side faults on too: model column |M&X|/|M|, "
+    "Xen column |M&X|/|X| (M, X: the two sides' faulted_pages)"
+)
+
+
+@dataclass
+class WindowTally:
+    """What the model did inside the marker window (engine hooks and facts)."""
+
+    inside: bool = False
+    outcomes: dict[str, int] = field(default_factory=dict)
+    wrmap: int = 0
+    pool_unpins: int = 0
+    pages: set[int] = field(default_factory=set)
+    start: dict[str, int] | None = None
+    stop: dict[str, int] | None = None
+    counters: Callable[[], dict[str, int]] | None = None
+
+    def fault(self, event: int, vcpu: int, va: int, write: bool, outcome: str,
+              wrmap: bool) -> None:
+        if not self.inside:
+            return
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.wrmap += wrmap
+        self.pages.add(va >> 12)
+
+    def marker(self, event: int, words: list[str]) -> None:
+        name = words[0] if words else ""
+        if name == "start" and self.start is None:
+            self.inside = True
+            self.start = dict(self.counters()) if self.counters else {}
+        elif name == "stop" and self.inside:
+            self.inside = False
+            self.stop = dict(self.counters()) if self.counters else {}
+
+    def __call__(self, fact: Fact) -> None:
+        if self.inside and fact.kind == "unpinned" and fact.reason == "pool":
+            self.pool_unpins += 1
+
+    def outcome(self, name: str) -> int:
+        return self.outcomes.get(name, 0)
+
+    def counter(self, name: str) -> int:
+        if self.start is None or self.stop is None:
+            return 0
+        return self.stop.get(name, 0) - self.start.get(name, 0)
+
+
+def _fault_pages(df: pl.DataFrame) -> set[int]:
+    rows = df.filter(pl.col("kind").is_in(FAULT_KINDS) & pl.col("va").is_not_null())
+    return {int(v) >> 12 for v in rows["va"].to_list()}
+
+
+def xen_files(xen_dir: Path) -> tuple[Path, Path]:
+    """The record table and guest console of the one Xen run in ``xen_dir``."""
+    tables = sorted(xen_dir.glob("*.xen.parquet"))
+    if not tables:
+        raise UsageError(f"{xen_dir}: no *.xen.parquet (run 'shadowtrace xen --out {xen_dir}')")
+    if len(tables) > 1:
+        raise UsageError(f"{xen_dir}: more than one Xen run ({', '.join(p.name for p in tables)})")
+    stem = tables[0].name[: -len(".xen.parquet")]
+    return tables[0], tables[0].with_name(f"{stem}.xen.console.log")
+
+
+def _function(symbol: str | None) -> str | None:
+    """``clear_page_erms`` of ``clear_page_erms+0x7 [mod]``."""
+    if not symbol or symbol.startswith("0x"):
+        return None
+    return symbol.split("+", 1)[0].split(" ", 1)[0]
+
+
+def _ratio(model: float, xen: float) -> float | None:
+    if xen == 0:
+        return 1.0 if model == 0 else None
+    return model / xen
+
+
+def model_answer(rep: Any, va: int) -> dict[str, Any]:
+    """The model's first leaf event of ``va`` (timeline), as compare reports it."""
+    tl = rep.timeline.timelines.get(va)
+    births = [e.row("L1e").birth for e in tl.episodes] if tl is not None else []
+    if not births:
+        return {"kind": "none", "symbol": None, "event": None}
+    b = min(births, key=lambda b: b.event)
+    kind = f"demand-{b.access}" if b.reason == "demand" and b.access else b.reason
+    symbol = rep.namer(b.pc) if rep.namer is not None and b.pc else None
+    return {"kind": kind, "symbol": symbol, "event": b.event}
+
+
+def xen_answer(inside: pl.DataFrame, va: int) -> dict[str, Any]:
+    """Xen's first shadow record on the page of ``va`` inside the window."""
+    page = va >> 12
+    rows = inside.filter(
+        pl.col("kind").is_in(FAULT_KINDS) & pl.col("va").is_not_null()
+        & ((pl.col("va") // 4096) == page)
+    )
+    if rows.height == 0:
+        return {"kind": "none", "symbol": None, "record": None}
+    r = rows.row(0, named=True)
+    kind = r["kind"]
+    if kind == "fixup" and "l1_get_ref" in (r["flag_names"] or "").split("|"):
+        kind = "fixup+new-l1e"
+    return {"kind": kind, "symbol": r["symbol"], "record": r["record"]}
+
+
+def agree(model: dict[str, Any], xen: dict[str, Any]) -> bool:
+    """The rule of the module docstring."""
+    if model["kind"].startswith("demand-"):
+        fm, fx = _function(model["symbol"]), _function(xen["symbol"])
+        return bool(xen["kind"] == "fixup+new-l1e" and fm is not None and fm == fx)
+    if model["kind"] in ("prefetch", "validate", "resync"):
+        return bool(xen["kind"] == "none")
+    return False
+
+
+def compare(
+    trace: Path,
+    xen_dir: Path,
+    *,
+    watch_console: str | None = None,
+    config: Path | None = None,
+) -> dict[str, Any]:
+    """The comparison document (schema in ``docs/compare.md``)."""
+    table_path, xen_console = xen_files(xen_dir)
+    xen = read_parquet(table_path)
+    model_vas: list[int] = []
+    xen_vas: list[int] = []
+    if watch_console is not None:
+        model_vas = console_vas(console_text(trace), watch_console, f"{trace} console")
+        try:
+            xtext = xen_console.read_text(errors="replace")
+        except OSError as err:
+            raise UsageError(f"{xen_console}: cannot read: {err.strerror}") from None
+        xen_vas = console_vas(xtext, watch_console, str(xen_console))
+    tally = WindowTally()
+    opts = ReplayOptions(trace=trace, config=config, watch=model_vas)
+
+    def attach(engine: ShadowEngine) -> None:
+        engine.on_fault = tally.fault
+        engine.on_marker = tally.marker
+        tally.counters = lambda: engine.counters
+
+    rep = replay(opts, sinks=[tally], attach=attach)
+    if tally.start is None or tally.stop is None:
+        raise UsageError(f"{trace}: no start/stop marker pair: nothing to compare")
+    inside = xen.filter((pl.col("window") == "inside") & pl.col("vcpu").is_not_null())
+    answers = []
+    for i, mva in enumerate(model_vas):
+        m = model_answer(rep, mva)
+        xva = xen_vas[i] if i < len(xen_vas) else None
+        x = xen_answer(inside, xva) if xva is not None else {
+            "kind": "none", "symbol": None, "record": None}
+        answers.append({
+            "va_model": f"{mva:#x}", "va_xen": None if xva is None else f"{xva:#x}",
+            "model": m, "xen": x, "agree": agree(m, x),
+        })
+    metrics: list[dict[str, Any]] = []
+    for met in METRICS:
+        mv, xv = met.model(tally), met.xen(inside)
+        metrics.append({"name": met.name, "model": mv, "xen": xv, "ratio": _ratio(mv, xv)})
+    mp, xp = tally.pages, _fault_pages(inside)
+    both = len(mp & xp)
+    ms = both / len(mp) if mp else 0.0
+    xs = both / len(xp) if xp else 0.0
+    metrics.append({"name": SHARED, "model": round(ms, 4), "xen": round(xs, 4),
+                    "ratio": _ratio(ms, xs)})
+    return {"trace": str(trace), "xen": str(table_path), "answers": answers,
+            "metrics": metrics}
