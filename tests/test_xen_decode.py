@@ -241,3 +241,11 @@ def test_annotate_merges_two_guest_cpus_by_tsc() -> None:
     assert fixes["va"].to_list() == [0x2000, 0x3000]  # vCPU 1's fix came first (TSC 20 < 30)
     assert fixes["vcpu"].to_list() == [1, 0]
     assert fixes["window"].to_list() == ["before", "before"]  # no start marker at all
+
+
+def test_every_compare_metric_is_documented() -> None:
+    from replay.xen.compare import METRICS, SHARED
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "compare.md").read_text()
+    for name in [m.name for m in METRICS] + [SHARED]:
+        assert f"| `{name}` |" in doc, name
