@@ -106,6 +106,16 @@ def replay_progress(trace: Any) -> Iterator[Callable[[Any, Any], None]]:
         yield update
 
 
+def _plain(text: Any) -> Text:
+    """Text from a trace (symbols like ``f+0x9 [module]``, VAs, reasons):
+    never read as rich markup."""
+    return Text("-" if text is None else str(text))
+
+
+def _cells(*values: Any) -> list[Text]:
+    return [_plain(v) for v in values]
+
+
 def _wide() -> Console:
     """Replay output: the terminal's width, or 160 columns into a file/pipe."""
     return _out if _out.is_terminal else Console(highlight=False, width=160)
@@ -120,13 +130,13 @@ def _episode_table(tl: dict[str, Any], ep: dict[str, Any]) -> Table:
     for lv in ep["levels"]:
         why = lv["reason"] + (" (already built: shared)" if lv["shared"] else "")
         gone = lv["destroyed"]
-        table.add_row(
+        table.add_row(*_cells(
             lv["level"], f"{lv['type']} {lv['frame']}",
             "" if lv["index"] is None else f"[{lv['index']}] {lv['value']}",
             f"{lv['event']:,}", why, str(lv["vcpu"]), lv["cr3"] or "-", lv["pc"] or "-",
             lv["symbol"] or "-",
             "" if gone is None else f"{gone['event']:,} {gone['reason']}",
-        )
+        ))
     return table
 
 
@@ -134,14 +144,15 @@ def _print_timeline(tl: dict[str, Any]) -> None:
     out = _wide()
     g = tl["guest"]
     ans = tl["answer"]
-    out.print(f"[bold]watched VA {tl['va']}[/bold]: {g['accesses']:,} accesses, "
-               f"{g['table_writes_total']:,} table writes on its guest path")
+    out.print(Text.assemble((f"watched VA {tl['va']}", "bold"),
+                            f": {g['accesses']:,} accesses, "
+                            f"{g['table_writes_total']:,} table writes on its guest path"))
     for label in ("first_access", "first_write"):
         ev = g[label]
         if ev is not None:
             out.print(f"  {label.replace('_', ' ')}: event {ev['event']:,} {ev['kind']} "
                        f"vCPU {ev['vcpu']} CR3 {ev['cr3']} PC {ev['pc']} "
-                       f"{ev['symbol'] or ''}".rstrip())
+                       f"{ev['symbol'] or ''}".rstrip(), markup=False)
     eps = tl["episodes"]
     if not eps:
         out.print("  no complete shadow path was built for it")
@@ -159,9 +170,9 @@ def _print_timeline(tl: dict[str, Any]) -> None:
                 shared = [lv["level"] for lv in e["levels"] if lv["shared"]]
                 here = [lv["level"] for lv in e["levels"][1:] if not lv["shared"]]
                 end = e["ended"]
-                t.add_row(e["root"], f"{e['complete_event']:,}", " ".join(here) or "-",
-                          " ".join(shared) or "-",
-                          "-" if end is None else f"{end['event']:,} {end['reason']}")
+                t.add_row(*_cells(e["root"], f"{e['complete_event']:,}", " ".join(here) or "-",
+                                  " ".join(shared) or "-",
+                                  "-" if end is None else f"{end['event']:,} {end['reason']}"))
             out.print(t)
         if tl["episodes_dropped"]:
             out.print(f"  ({tl['episodes_dropped']} more episodes not kept)")
@@ -176,7 +187,7 @@ def _print_timeline(tl: dict[str, Any]) -> None:
     if ans["leaf_event"] is not None:
         sym = f" {ans['leaf_symbol']}" if ans["leaf_symbol"] else ""
         where = f" (event {ans['leaf_event']:,}, {ans['leaf_reason']}, PC {ans['leaf_pc']}{sym})"
-    out.print(f"  answer: the shadow leaf entry was {when}{where}")
+    out.print(f"  answer: the shadow leaf entry was {when}{where}", markup=False)
 
 
 def print_replay_summary(doc: dict[str, Any]) -> None:
@@ -185,10 +196,11 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
     tr = doc["trace"]
     rp = doc["replay"]
     head = tr["header"]
-    out.print(f"[bold]replay {tr['path']}[/bold]: scenario {head.get('scenario')}, "
-               f"{rp['events']:,} events, {rp['accesses']:,} accesses "
-               f"({rp['deduplicated']:,} dropped as repeats{'' if rp['dedup'] else ', dedup off'}"
-               f"), {rp['duration_s']:.1f} s")
+    out.print(Text.assemble(
+        (f"replay {tr['path']}", "bold"),
+        f": scenario {head.get('scenario')}, {rp['events']:,} events, "
+        f"{rp['accesses']:,} accesses ({rp['deduplicated']:,} dropped as repeats"
+        f"{'' if rp['dedup'] else ', dedup off'}), {rp['duration_s']:.1f} s"))
     if doc["truncated"]:
         out.print("[bold red]TRUNCATED trace[/bold red]: no footer; the valid prefix was "
                    "replayed, results stop there")
@@ -234,11 +246,6 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------
 # the real Xen (replay.xen)
 # --------------------------------------------------------------------------
-def _plain(text: Any) -> Text:
-    """A cell whose text comes from a trace: never read as rich markup."""
-    return Text("-" if text is None else str(text))
-
-
 def print_xen_summary(doc: dict[str, Any]) -> None:
     """``shadowtrace xen``'s table: Xen's records by kind and window."""
     out = _wide()
