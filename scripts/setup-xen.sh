@@ -23,15 +23,19 @@ XEN_PACKAGES=(xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore
 DOM0_MODULES=(xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc
     virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
 XENBIN=usr/lib/xen-4.17/bin
-DOM0_PROGRAMS=(xl xenstored xenconsoled xen-init-dom0 xentrace xentrace_setsize)
+DOM0_PROGRAMS=(xl xenstored xenconsoled xen-init-dom0 xentrace)
 
 kver=${1:?usage: setup-xen.sh KERNEL_VERSION BUILD_DIR}; build=${2:?build dir}
+mkdir -p "$build" && build=$(cd "$build" && pwd)  # ldd's paths must be absolute
 top=$(cd "$(dirname "$0")/.." && pwd)
 xen=$build/xen
 debs=$xen/debs
 die() { echo "setup-xen: $*" >&2; exit 1; }
+# Unpacked packages and the dom0 tree live in a private folder: two runs at
+# once (make test in two shells) then only race on the final renames.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+unpacked=$tmp/unpacked
 
 need_host_tools() {
     local missing=()
@@ -61,14 +65,14 @@ fetch_and_unpack() {
     mkdir -p "$debs"
     for p in "${XEN_PACKAGES[@]}"; do download "$p" "$XEN_VERSION"; done
     download libyajl2 "$YAJL_VERSION"
-    rm -rf "$xen/root" && mkdir -p "$xen/root"
-    for p in "${XEN_PACKAGES[@]}"; do dpkg-deb -x "$debs/${p}_${XEN_VERSION}_"*.deb "$xen/root"; done
-    dpkg-deb -x "$debs/libyajl2_${YAJL_VERSION}_"*.deb "$xen/root"
+    mkdir -p "$unpacked"
+    for p in "${XEN_PACKAGES[@]}"; do dpkg-deb -x "$debs/${p}_${XEN_VERSION}_"*.deb "$unpacked"; done
+    dpkg-deb -x "$debs/libyajl2_${YAJL_VERSION}_"*.deb "$unpacked"
 }
 
 # Shadow paging is what we compare with; trace buffers are how we see it.
 check_config() {
-    local config=$xen/root/boot/xen-4.17-amd64.config
+    local config=$unpacked/boot/xen-4.17-amd64.config
     [ -f "$config" ] || die "no hypervisor config in xen-hypervisor-4.17-amd64=$XEN_VERSION ($config)"
     for opt in CONFIG_SHADOW_PAGING CONFIG_TRACEBUFFER; do
         grep -qx "$opt=y" "$config" ||
@@ -81,14 +85,14 @@ check_config() {
 # under /lib/x86_64-linux-gnu, the loader at /lib64.
 copy_with_libs() {
     local root=$1; shift
-    local libdir=$xen/root/usr/lib/x86_64-linux-gnu lib path
+    local libdir=$unpacked/usr/lib/x86_64-linux-gnu lib path
     for f in "$@"; do
-        install -D -m 755 "$xen/root/$f" "$root/$f"
-        LD_LIBRARY_PATH=$libdir ldd "$xen/root/$f" | grep -q 'not found' &&
-            die "$f: a library is missing ($(LD_LIBRARY_PATH=$libdir ldd "$xen/root/$f" | grep 'not found' | head -n1 | xargs))"
+        install -D -m 755 "$unpacked/$f" "$root/$f"
+        LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f" | grep -q 'not found' &&
+            die "$f: a library is missing ($(LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f" | grep 'not found' | head -n1 | xargs))"
         while read -r lib path; do
             install -D -m 755 "$path" "$root/lib/x86_64-linux-gnu/$lib"
-        done < <(LD_LIBRARY_PATH=$libdir ldd "$xen/root/$f" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
+        done < <(LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
     done
     install -D -m 755 /lib64/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
     # glibc dlopens libgcc_s for pthread_cancel: without it xl aborts at exit
@@ -106,12 +110,13 @@ copy_modules() {
     # Only the modules we load: the whole package is ~400 MiB unpacked.
     local patterns=()
     for m in "${DOM0_MODULES[@]}"; do patterns+=("*/$m.ko"); done
-    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards "${patterns[@]}" ||
+    mkdir -p "$tmp/kernel"
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp/kernel" --wildcards "${patterns[@]}" ||
         die "cannot unpack the dom0 modules from $(basename "$deb")"
     mkdir -p "$root/lib/modules"
     local loaded=" "
     for m in "${DOM0_MODULES[@]}"; do
-        f=$(find "$tmp/lib/modules/$kver" -name "$m.ko" 2>/dev/null | head -n1)
+        f=$(find "$tmp/kernel/lib/modules/$kver" -name "$m.ko" 2>/dev/null | head -n1)
         [ -n "$f" ] || die "module $m.ko is not in $(basename "$deb")"
         for dep in $(tr '\0' '\n' < "$f" | sed -n 's/^depends=//p' | tr ',' ' '); do
             [[ $loaded == *" $dep "* ]] || die "module $m needs $dep loaded first (fix DOM0_MODULES)"
@@ -123,27 +128,27 @@ copy_modules() {
 }
 
 build_initramfs() {
-    local root=$xen/dom0-root
-    rm -rf "$root" && mkdir -p "$root"/{bin,proc,sys,dev,etc/xen}
+    local root=$tmp/dom0
+    mkdir -p "$root"/{bin,proc,sys,dev,etc/xen}
     local progs=()
     for p in "${DOM0_PROGRAMS[@]}"; do progs+=("$XENBIN/$p"); done
     copy_with_libs "$root" "${progs[@]}"
     copy_modules "$root"
-    install -m 644 "$xen/root/etc/xen/xl.conf" "$root/etc/xen/xl.conf"
+    install -m 644 "$unpacked/etc/xen/xl.conf" "$root/etc/xen/xl.conf"
     install -m 755 /bin/busybox "$root/bin/busybox"
     install -m 755 "$top/guest/xen-dom0-init" "$root/init"
     # Same bytes from every run: fixed timestamps, sorted names, gzip -n.
     find "$root" -exec touch -h -d @0 {} +
     (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible | gzip -9n) \
-        > "$xen/dom0.cpio.gz.tmp"
-    mv "$xen/dom0.cpio.gz.tmp" "$xen/dom0.cpio.gz"
+        > "$xen/dom0.cpio.gz.$$"
+    mv "$xen/dom0.cpio.gz.$$" "$xen/dom0.cpio.gz"
 }
 
 need_host_tools
 mkdir -p "$xen"
 fetch_and_unpack
 check_config
-gzip -dc "$xen/root/boot/xen-4.17-amd64.gz" > "$xen/xen.tmp" && mv "$xen/xen.tmp" "$xen/xen"
+gzip -dc "$unpacked/boot/xen-4.17-amd64.gz" > "$xen/xen.$$" && mv "$xen/xen.$$" "$xen/xen"
 build_initramfs
 echo "$XEN_VERSION" > "$xen/version"
 echo "setup-xen: Xen $XEN_VERSION ($(du -h "$xen/dom0.cpio.gz" | cut -f1) dom0 initramfs) in $xen"
