@@ -40,7 +40,7 @@ def window(cpu: int, *records: bytes) -> bytes:
 
 
 def shadow(number: int, data: bytes) -> bytes:
-    levels = 0 if number in rec.SHADOW_NO_LEVELS else rec.LEVELS_4
+    levels = 0 if number in rec.SHADOW_NO_LEVELS else rec.LEVEL_BITS[4]
     return record(rec.TRC_SHADOW | levels | number, data)
 
 
@@ -74,6 +74,7 @@ def test_fixup_gets_its_exit_instruction_and_flags() -> None:
     assert (row["va"], row["gl1e"], row["flags"]) == (VA, GL1E, flags)
     assert row["flag_names"] == "l1_get_ref|unsync"  # bit 2 and bit 18, in bit order
     assert (row["exit_reason"], row["exit_name"], row["rip"]) == (0x4E, "page_fault", RIP)
+    assert row["levels"] == 4  # the 0x200 level bits of a 4-level guest
     assert row["pcpu"] == 1 and row["tsc"] == 1000  # the TSC of the exit record before it
     # the entry ends the exit: a row after it belongs to no instruction
     assert got.row(2, named=True)["rip"] is None
@@ -140,12 +141,26 @@ def test_lost_and_unknown_records_are_counted_wrap_padding_dropped() -> None:
     lost = record(rec.TRC_LOST_RECORDS, struct.pack("<IHHQ", 7, 1, 0, 5), tsc=9)
     wrap = record(rec.TRC_TRACE_WRAP_BUFFER, b"\0" * 8)
     strange = record(0x0123F456, b"\0" * 4)
-    two_level = record(rec.TRC_SHADOW | 6, struct.pack("<IIi", 0, 0, 0))  # a 2-level fixup
+    odd_levels = record(rec.TRC_SHADOW | 0x300 | 6, b"\0" * 20)  # no guest has 5 levels
     short = shadow(6, struct.pack("<Q", VA))  # a fixup with too few words
-    got = decode_bytes(window(1, lost, wrap, strange, two_level, short))
+    got = decode_bytes(window(1, lost, wrap, strange, odd_levels, short))
     assert got.lost == 7  # the count in the lost-records record
-    assert got.unknown == 3  # strange, two_level, short
+    assert got.unknown == 3  # strange, odd_levels, short
     assert got.table["kind"].to_list() == ["lost_records", "unknown", "unknown", "unknown"]
+
+
+def test_two_and_three_level_guest_records() -> None:
+    """A PVH guest boots through 32-bit paging: multi.c's smaller types."""
+    two = record(rec.TRC_SHADOW | rec.LEVEL_BITS[2] | 6, struct.pack("<III", 0x5063, 0x5000, 4))
+    three = record(rec.TRC_SHADOW | rec.LEVEL_BITS[3] | 8,
+                   struct.pack("<QQII", 0x5063, 7, 0x5008, 0))
+    df = decode_bytes(window(1, two, three)).table
+    assert df["kind"].to_list() == ["fixup", "emulate"]
+    assert df["levels"].to_list() == [2, 3]
+    assert df["va"].to_list() == [0x5000, 0x5008]  # a 32-bit guest_va_t in both
+    assert df["write_val"].to_list() == [None, 7]
+    assert df.row(0, named=True)["flag_names"] == "l1_get_ref"  # flags 4: bit 2
+
 
 
 def test_windows_of_two_cpus() -> None:

@@ -65,10 +65,11 @@ def _kinds(*kinds: str) -> Callable[[pl.DataFrame], int]:
     return lambda df: df.filter(pl.col("kind").is_in(kinds)).height
 
 
-def _flag(flag: str) -> Callable[[pl.DataFrame], int]:
+def _flag(*flags: str, kinds: tuple[str, ...] = FLAGGED_KINDS) -> Callable[[pl.DataFrame], int]:
+    """Records of ``kinds`` with any of ``flags`` among their path flags."""
+    pattern = "(^|\\|)(" + "|".join(flags) + ")(\\||$)"
     return lambda df: df.filter(
-        pl.col("kind").is_in(FLAGGED_KINDS)
-        & pl.col("flag_names").fill_null("").str.contains(f"(^|\\|){flag}(\\||$)")
+        pl.col("kind").is_in(kinds) & pl.col("flag_names").fill_null("").str.contains(pattern)
     ).height
 
 
@@ -91,10 +92,13 @@ METRICS: tuple[Metric, ...] = (
            "(trace_shadow_emulate); model 'emulate' + 'fast_emulate'",
            lambda t: t.outcome("emulate") + t.outcome("fast_emulate"), _kinds("emulate")),
     Metric("early_unshadows",
-           "shadows dropped by the early-unshadow rule: Xen EMULATE records with the "
-           "early_unshadow flag (check_for_early_unshadow); model counter "
-           "shadow_early_unshadow",
-           lambda t: t.counter("shadow_early_unshadow"), _flag("early_unshadow")),
+           "emulated writes after which Xen dropped a page table's shadows at once: Xen "
+           "EMULATE records with the early_unshadow flag (check_for_early_unshadow's "
+           "two-write or dying-process rule) or the demote flag (the frame stopped being a "
+           "page table, e.g. sh_page_fault's rule for a write to a dying top-level table); "
+           "model counter shadow_early_unshadow",
+           lambda t: t.counter("shadow_early_unshadow"),
+           _flag("early_unshadow", "demote", kinds=("emulate",))),
     Metric("user_write_unshadows",
            "user-mode writes to a page table, taken as 'no page table any more': Xen "
            "TRC_SHADOW_EMULATE_UNSHADOW_USER; model 'user_write_unshadow'",

@@ -40,6 +40,7 @@ SCHEMA: dict[str, Any] = {
     "tsc": pl.UInt64,           # last TSC seen on that CPU (records without one inherit it)
     "event": pl.UInt32,         # Xen's event number
     "kind": pl.Utf8,            # records.SHADOW_KINDS / HVM_LAYOUTS kind, "hvm_0x..", "unknown"
+    "levels": pl.UInt8,         # shadow records: the guest's paging levels (2, 3, 4)
     "va": pl.UInt64,            # shadow records, pf_xen/pf_inject, invlpg
     "gl1e": pl.UInt64,          # fixup / not_shadow / emulate: the guest L1 entry
     "write_val": pl.UInt64,     # emulate: the value written
@@ -50,7 +51,8 @@ SCHEMA: dict[str, Any] = {
     "exit_name": pl.Utf8,
     "rip": pl.UInt64,           # the guest instruction of that exit
     "cr": pl.UInt32,            # cr_write: which CR
-    "value": pl.UInt64,         # cr_write: the value
+    "value": pl.UInt64,         # cr_write / cr_read / msr_*: the value; vmmcall: hypercall
+    "msr": pl.UInt32,           # msr_read / msr_write
     "leaf": pl.UInt32,          # cpuid: the leaf
     "error_code": pl.UInt32,    # pf_xen / pf_inject / inj_exc
 }
@@ -89,8 +91,6 @@ class _Cpu:
     tsc: int | None = None
     exit_reason: int | None = None
     rip: int | None = None
-    #: the exit was an SVM one (exit names are SVM's)
-    svm: bool = True
 
 
 def decode(
@@ -188,13 +188,15 @@ def decode_bytes(
 
 def _row(event: int, payload: bytes, cpu: _Cpu) -> dict[str, Any]:
     """One record's fields; updates the CPU's exit state for HVM entry/exit."""
-    number = rec.shadow_number(event)
-    if number is not None:
-        fmt, names = rec.SHADOW_LAYOUTS[number]
+    got = rec.shadow_number(event)
+    if got is not None:
+        number, levels = got
+        fmt, names = rec.shadow_layout(number, levels)
         fields = rec.unpack(fmt, names, payload)
         if fields is None:
             return {"event": event, "kind": "unknown"}
-        row: dict[str, Any] = {"event": event, "kind": rec.SHADOW_KINDS[number], **fields}
+        row: dict[str, Any] = {"event": event, "kind": rec.SHADOW_KINDS[number],
+                               "levels": levels, **fields}
         if number == 8:
             row["flags"] &= rec.EMULATE_FLAGS_MASK
         if "flags" in row:
@@ -202,8 +204,8 @@ def _row(event: int, payload: bytes, cpu: _Cpu) -> dict[str, Any]:
         return _with_exit(row, cpu)
     if event & 0x0FFFF000 == rec.TRC_GEN:
         if event == rec.TRC_LOST_RECORDS:
-            got = rec.unpack("<IHHQ", ("lost", "did", "vid", "first"), payload)
-            return {"event": event, "kind": "lost_records", "lost": got["lost"] if got else 0}
+            lost = rec.unpack("<IHHQ", ("lost", "did", "vid", "first"), payload)
+            return {"event": event, "kind": "lost_records", "lost": lost["lost"] if lost else 0}
         if event == rec.TRC_TRACE_WRAP_BUFFER:
             return {"event": event, "kind": "wrap_buffer"}
         return {"event": event, "kind": "unknown"}
@@ -217,7 +219,6 @@ def _row(event: int, payload: bytes, cpu: _Cpu) -> dict[str, Any]:
         row = {"event": event, "kind": layout.kind}
         if layout.kind == "vmexit":
             cpu.exit_reason, cpu.rip = fields["exit_reason"], fields["rip"]
-            cpu.svm = event & ~rec.HVM_NESTED_FLAG == rec.TRC_HVM_SVM_EXIT64
         elif layout.kind == "vmentry":
             cpu.exit_reason = cpu.rip = None
             return row
@@ -230,7 +231,6 @@ def _row(event: int, payload: bytes, cpu: _Cpu) -> dict[str, Any]:
 def _with_exit(row: dict[str, Any], cpu: _Cpu) -> dict[str, Any]:
     if cpu.exit_reason is not None:
         row["exit_reason"] = cpu.exit_reason
-        known = rec.SVM_EXITS.get(cpu.exit_reason) if cpu.svm else None
-        row["exit_name"] = known or f"exit_{cpu.exit_reason:#x}"
+        row["exit_name"] = rec.SVM_EXITS.get(cpu.exit_reason, f"exit_{cpu.exit_reason:#x}")
         row["rip"] = cpu.rip
     return row

@@ -38,9 +38,6 @@ TRC_LOST_RECORDS = TRC_GEN + 1
 TRC_TRACE_WRAP_BUFFER = TRC_GEN + 2
 TRC_TRACE_CPU_CHANGE = TRC_GEN + 3
 
-#: ``(GUEST_PAGING_LEVELS - 2) << 8`` for a 4-level guest (multi.c).
-LEVELS_4 = 2 << 8
-
 # -- the HVM records (trace.h TRC_HVM_*) -------------------------------------
 _ENTRYEXIT = 0x00081000
 _HANDLER = 0x00082000
@@ -53,6 +50,8 @@ TRC_HVM_INJ_EXC = _HANDLER + 0x03
 TRC_HVM_CR_WRITE64 = _HANDLER + TRC_64_FLAG + 0x09
 TRC_HVM_CPUID = _HANDLER + 0x0E
 TRC_HVM_INVLPG64 = _HANDLER + TRC_64_FLAG + 0x14
+TRC_HVM_VMMCALL = _HANDLER + 0x12
+TRC_HVM_CR_READ64 = _HANDLER + TRC_64_FLAG + 0x08
 
 #: Mask that drops the nested-guest flag (``TRC_HVM_NESTEDFLAG``).
 HVM_NESTED_FLAG = 0x400
@@ -76,19 +75,29 @@ SHADOW_KINDS: dict[int, str] = {
     15: "resync_only",        # an out-of-sync page's entries synced, page stays OOS
 }
 
-#: Data layouts after the header (and TSC), by shadow record number:
-#: (struct format, field names). ``<`` = little endian, no padding, as
-#: Xen's ``__packed`` structs.
-_GEN = ("<Q", ("va",))
-_FIXUP = ("<QQI", ("gl1e", "va", "flags"))
-_EMULATE_OTHER = ("<QQ", ("gfn", "va"))
-_GFN = ("<Q", ("gfn",))
-SHADOW_LAYOUTS: dict[int, tuple[str, tuple[str, ...]]] = {
-    1: _FIXUP, 2: _GEN, 3: _GEN, 4: _GEN, 5: _GEN, 6: _FIXUP, 7: _GEN,
-    8: ("<QQQI", ("gl1e", "write_val", "va", "flags")),
-    9: _EMULATE_OTHER, 10: _EMULATE_OTHER, 11: _EMULATE_OTHER,
-    12: _GFN, 13: _GFN, 14: _GFN, 15: _GFN,
-}
+#: ``(GUEST_PAGING_LEVELS - 2) << 8`` by guest paging levels: a guest boots
+#: through 2- and 3-level paging (PVH starts in 32-bit mode) before 4-level.
+LEVEL_BITS: dict[int, int] = {2: 0 << 8, 3: 1 << 8, 4: 2 << 8}
+
+
+def shadow_layout(number: int, levels: int) -> tuple[str, tuple[str, ...]]:
+    """The data layout of shadow record ``number`` for a guest with ``levels``
+    paging levels: (struct format, field names), ``<`` = little endian with no
+    padding, as Xen's ``__packed`` structs. In multi.c, ``guest_va_t`` is 64
+    bits only for 4 levels, ``guest_l1e_t`` and the gfn 32 bits only for 2."""
+    va = "Q" if levels == 4 else "I"
+    l1e = "I" if levels == 2 else "Q"
+    if number in (1, 6):  # trace_not_shadow_fault, trace_shadow_fixup
+        return "<" + l1e + va + "I", ("gl1e", "va", "flags")
+    if number == 8:  # trace_shadow_emulate
+        return "<" + l1e + l1e + va + "I", ("gl1e", "write_val", "va", "flags")
+    if number in (9, 10, 11):  # trace_shadow_emulate_other
+        return "<" + l1e + va, ("gfn", "va")
+    if number in SHADOW_NO_LEVELS:  # common.c: a gfn_t (unsigned long)
+        return "<Q", ("gfn",)
+    return "<" + va, ("va",)  # trace_shadow_gen
+
+
 #: Shadow records that ``common.c`` writes without the guest-levels bits.
 SHADOW_NO_LEVELS = frozenset({12, 13, 14, 15})
 
@@ -103,7 +112,9 @@ PATH_FLAGS: tuple[str, ...] = (
 #: The EMULATE record's last word is ``flags:29, emulation_count:3``.
 EMULATE_FLAGS_MASK = (1 << 29) - 1
 
-#: SVM exit codes (AMD APM vol. 2, appendix C) seen from a Linux guest.
+#: SVM exit codes (AMD APM vol. 2, appendix C) seen from a Linux guest. QEMU
+#: TCG offers AMD SVM, and Xen records SVM and VMX exits under the same
+#: event numbers, so the codes are read as SVM's.
 SVM_EXITS: dict[int, str] = {
     0x00: "cr0_read", 0x03: "cr3_read", 0x04: "cr4_read",
     0x10: "cr0_write", 0x13: "cr3_write", 0x14: "cr4_write",
@@ -136,6 +147,17 @@ HVM_LAYOUTS: dict[int, HvmLayout] = {
     TRC_HVM_CR_WRITE64: HvmLayout("cr_write", "<IQ", ("cr", "value")),
     TRC_HVM_CPUID: HvmLayout("cpuid", "<IIIIII", ("leaf", "subleaf", "a", "b", "c", "d")),
     TRC_HVM_INVLPG64: HvmLayout("invlpg", "<IQ", ("invlpga", "va")),
+    TRC_HVM_VMMCALL: HvmLayout("vmmcall", "<I", ("value",)),  # the hypercall number (eax)
+    _HANDLER + 0x08: HvmLayout("cr_read", "<II", ("cr", "value")),
+    TRC_HVM_CR_READ64: HvmLayout("cr_read", "<IQ", ("cr", "value")),
+    _HANDLER + 0x0C: HvmLayout("msr_read", "<IQ", ("msr", "value")),
+    _HANDLER + 0x0D: HvmLayout("msr_write", "<IQ", ("msr", "value")),
+    _HANDLER + 0x0F: HvmLayout("intr", "<", ()),
+    _HANDLER + 0x13: HvmLayout("hlt", "<", ()),
+    _HANDLER + 0x04: HvmLayout("inj_virq", "<", ()),
+    _HANDLER + 0x20: HvmLayout("intr_window", "<", ()),
+    _HANDLER + 0x16: HvmLayout("ioport_read", "<", ()),
+    _HANDLER + 0x216: HvmLayout("ioport_write", "<", ()),
 }
 
 #: Every kind a decoded record can have, besides ``hvm_0x...``.
@@ -145,18 +167,21 @@ KINDS: tuple[str, ...] = (
 )
 
 
-def shadow_number(event: int) -> int | None:
-    """The TRC_SHADOW record number (1..15) of a 4-level shadow event, else None."""
+def shadow_number(event: int) -> tuple[int, int] | None:
+    """(TRC_SHADOW record number 1..15, guest paging levels) of a shadow
+    event, else None. common.c's records say no levels: 4 is given."""
     if event & 0x0FFFF000 != TRC_SHADOW:
         return None
-    low = event & 0xFFF
-    number = low & 0xFF
-    levels = low & 0xF00
+    number = event & 0xFF
+    bits = event & 0xF00
     if number not in SHADOW_KINDS:
         return None
     if number in SHADOW_NO_LEVELS:
-        return number if levels == 0 else None
-    return number if levels == LEVELS_4 else None
+        return (number, 4) if bits == 0 else None
+    for levels, b in LEVEL_BITS.items():
+        if bits == b:
+            return number, levels
+    return None
 
 
 def flag_names(flags: int) -> list[str]:
