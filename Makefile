@@ -25,7 +25,7 @@ XEN       := $(BUILD)/xen
 
 export SHADOWTRACE_BUILD := $(BUILD)
 
-.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin python xen
+.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin python xen xen-fidelity
 .DELETE_ON_ERROR:
 
 all: setup
@@ -91,6 +91,13 @@ test: setup lint xen
 lint: python
 	$(VENV)/bin/ruff check replay qmp_tools tests
 	$(VENV)/bin/mypy
+
+# The model beside the real Xen for every recorded scenario (README, "Model vs real Xen").
+XEN_SCENARIOS := seed vmalloc fork private-root shared-l1 secretmem reserved-root reserved-root-lazy
+xen-fidelity: setup xen
+	@mkdir -p out/xen
+	for s in $(XEN_SCENARIOS); do $(ST) xen --scenario $$s --out out/xen/$$s || exit 1; done
+	$(PY) -m replay.xen.fidelity out/xen $(XEN_SCENARIOS)
 
 bench-capture: setup
 	$(PY) -m qmp_tools.bench
