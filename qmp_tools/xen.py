@@ -84,8 +84,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 Progress = Callable[[str], None]
 
-#: PID of the last QEMU that :func:`run_xen` started (tests check it is gone).
+#: The last run's QEMU PID and private folder (tests check both are gone).
 last_qemu_pid: int | None = None
+last_workdir: Path | None = None
 
 
 @dataclass
@@ -190,7 +191,7 @@ class _Watch:
     """What the serial console said so far."""
 
     stage: str = "starting QEMU"
-    xen_booted: bool = False
+    xen_started: bool = False
     dom0_error: str = ""
     dom0_panic: str = ""
     dom0_crashed: bool = False
@@ -293,8 +294,9 @@ class _XenRun:
 
     # -- running -------------------------------------------------------------
     async def run(self) -> XenResult:
-        global last_qemu_pid
+        global last_qemu_pid, last_workdir
         workdir = Path(tempfile.mkdtemp(prefix="shadowtrace-xen-", dir=_tmp_root()))
+        last_workdir, last_qemu_pid = workdir, None
         proc: asyncio.subprocess.Process | None = None
         qmp: QMPClient | None = None
         try:
@@ -410,8 +412,11 @@ class _XenRun:
             self._panic_line = line
             self.progress("Xen panicked")
             return False
-        if not w.xen_booted and "Xen version" in line:
-            w.xen_booted = True
+        if not w.xen_started and "Xen version" in line:
+            w.xen_started = True
+            self._stage("Xen started")
+        elif "Freed" in line and "init memory" in line and line.startswith("(XEN)"):
+            # Xen's last boot line before dom0 runs.
             self._stage("Xen booted")
         elif _PANIC in line:
             w.dom0_panic = line.split(_PANIC, 1)[1].lstrip(": ") or "no reason given"
@@ -466,7 +471,8 @@ class _XenRun:
         if w.dom0_crashed:
             raise GuestError("dom0 crashed", self.host_tail())
         if results is None:
-            raise GuestError(self._no_results_reason(rc, stderr), self.host_tail())
+            tail = "\n".join(filter(None, [self.host_tail(), stderr]))
+            raise GuestError(self._no_results_reason(rc, stderr), tail)
         console = self._save_results(results)
         self._judge_guest(results.get("status", b"").decode(errors="replace"), console)
         self.progress("results read")
@@ -482,8 +488,8 @@ class _XenRun:
         if rc != 0:
             last = stderr.splitlines()[-1] if stderr else f"exit status {rc}"
             return f"QEMU failed: {last}"
-        if not self.watch.xen_booted:
-            return f"QEMU ended before Xen booted (is {xen_image(self.c.paths)} a Xen image?)"
+        if not self.watch.xen_started:
+            return f"QEMU ended before Xen started (is {xen_image(self.c.paths)} a Xen image?)"
         return f"QEMU ended before dom0 wrote its results (last stage: {self.watch.stage})"
 
     def _save_logs(self, results: dict[str, bytes]) -> None:
@@ -552,7 +558,8 @@ def _read_results(image: Path) -> dict[str, bytes] | None:
                 data = tar.extractfile(member)
                 if data is not None:
                     files[member.name.removeprefix("./")] = data.read()
-            return files
+            # A disk dom0 never wrote reads as an empty archive (zero blocks).
+            return files or None
     except (tarfile.TarError, OSError):
         return None
 

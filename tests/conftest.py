@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from qmp_tools.xen import XenResult, run_xen
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -64,3 +66,10 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Captured]:
             folder, "seed-full", "--scenario", "seed", "--deterministic", "--dedup", "off"
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def xen_seed_run(tmp_path_factory: pytest.TempPathFactory) -> XenResult:
+    """One run of the seed scenario under the real Xen (shadow paging, xentrace),
+    shared by every test that needs it: a boot takes about a minute."""
+    return run_xen("seed", tmp_path_factory.mktemp("xen-seed"))
