@@ -73,10 +73,11 @@ fetch_and_unpack() {
 # Shadow paging is what we compare with; trace buffers are how we see it.
 check_config() {
     local config=$unpacked/boot/xen-4.17-amd64.config
-    [ -f "$config" ] || die "no hypervisor config in xen-hypervisor-4.17-amd64=$XEN_VERSION ($config)"
+    local named="boot/xen-4.17-amd64.config of $(basename "$debs"/xen-hypervisor-4.17-amd64_"$XEN_VERSION"_*.deb)"
+    [ -f "$config" ] || die "no $named"
     for opt in CONFIG_SHADOW_PAGING CONFIG_TRACEBUFFER; do
         grep -qx "$opt=y" "$config" ||
-            die "$config: $opt is not set (Xen $XEN_VERSION cannot run a shadow-paged, traced guest; see README 'Real Xen')"
+            die "$named: $opt is not set (this Xen cannot run a shadow-paged, traced guest; see README 'Real Xen')"
     done
 }
 
