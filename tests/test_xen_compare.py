@@ -145,3 +145,26 @@ def test_xen_unknown_scenario_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("shadowtrace: unknown scenario 'no-such'")
     assert "Traceback" not in proc.stderr
+
+
+def test_readme_model_column_is_what_compare_gives(xen_seed: XenCli, tmp_path: Path) -> None:
+    """The model half of the README's "Model vs real Xen" seed column comes from
+    this replay (Xen's half is one measured run and varies between runs)."""
+    out = tmp_path / "cmp.json"
+    proc = run_cli("compare", "--trace", str(SEED), "--xen", str(xen_seed.out),
+                   "--watch-console", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    readme = (TOP / "README.md").read_text()
+    section = readme[readme.index("## Model vs real Xen"):]
+    header = next(ln for ln in section.splitlines() if ln.startswith("| metric |"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("seed")
+    rows = {}
+    for ln in section.splitlines():
+        if ln.startswith("| `"):
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[col].split(" / ")[0]
+    for m in doc["metrics"]:
+        model = m["model"]
+        text = f"{model:.2f}" if isinstance(model, float) else f"{model:,}"
+        assert rows[m["name"]] == text, m["name"]
