@@ -259,6 +259,11 @@ class _XenRun:
             f"TRACE_PAGES={TRACE_PAGES}\n"
         )
 
+    def _clear_old_results(self) -> None:
+        """A failed run must not leave an earlier run's trace looking like its own."""
+        for suffix in ("trace.raw", "dom0.log"):
+            self.c.out(suffix).unlink(missing_ok=True)
+
     def _write_input(self, image: Path) -> None:
         c = self.c
         with tarfile.open(image, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -303,6 +308,7 @@ class _XenRun:
         qmp: QMPClient | None = None
         try:
             os.chmod(workdir, 0o700)
+            self._clear_old_results()
             self._write_input(workdir / "in.img")
             with open(workdir / "out.img", "wb") as out:
                 out.truncate(RESULTS_DISK_MIB << 20)
@@ -320,6 +326,7 @@ class _XenRun:
                 _kill(proc)
             rc = await proc.wait()
             stderr = (await stderr_task).decode(errors="replace").strip()
+            self._judge_host()  # a panic explains a timeout too
             if timed_out:
                 raise GuestError(
                     f"hang: no end after {self.c.timeout:.0f} s ({self.watch.stage})",
@@ -461,10 +468,6 @@ class _XenRun:
     def _judge(self, out_image: Path, rc: int, stderr: str, duration: float) -> XenResult:
         """Results of a finished QEMU run, or the one-line reason it failed."""
         w = self.watch
-        if w.xen_panic is not None:
-            raise GuestError(f"Xen panicked: {w.xen_panic or 'no reason given'}", self.host_tail())
-        if w.dom0_panic:
-            raise GuestError(f"dom0 kernel panicked: {w.dom0_panic}", self.host_tail())
         results = _read_results(out_image)
         if results is not None:
             self._save_logs(results)
@@ -486,6 +489,14 @@ class _XenRun:
             duration=duration,
             pcpus=guest_pcpus(self.c.vcpus),
         )
+
+    def _judge_host(self) -> None:
+        """Raise if Xen or dom0's kernel panicked: nothing after that counts."""
+        w = self.watch
+        if w.xen_panic is not None:
+            raise GuestError(f"Xen panicked: {w.xen_panic or 'no reason given'}", self.host_tail())
+        if w.dom0_panic:
+            raise GuestError(f"dom0 kernel panicked: {w.dom0_panic}", self.host_tail())
 
     def _no_results_reason(self, rc: int, stderr: str) -> str:
         if rc != 0:
