@@ -54,12 +54,16 @@ $(PLUGIN): plugin/shadowtrace.c $(GEN)/trace_format.h $(QEMU_INC)/qemu-plugin.h
 	    $$(pkg-config --cflags --libs glib-2.0) -lmsgpackc -lzstd -lpthread
 
 # -- the guest: Debian kernel + one busybox initramfs per scenario ----------
-guest: $(GUEST)/vmlinuz $(GUEST)/kallsyms $(SCENARIOS:%=$(GUEST)/%.cpio.gz)
+guest: $(GUEST)/vmlinuz $(GUEST)/kallsyms $(GUEST)/kernel-offsets $(SCENARIOS:%=$(GUEST)/%.cpio.gz)
 $(GUEST)/vmlinuz: $(BUILD)/.system-$(KVER)
 	bash scripts/fetch-kernel.sh $(KVER) $(BUILD)/src $(GUEST)
 # Debian's System.map is a stub: take the kernel's symbols from a guest boot.
 $(GUEST)/kallsyms: $(GUEST)/vmlinuz $(GUEST)/_symbols.cpio.gz $(VENV)/.installed
 	$(PY) -m qmp_tools.symbols $@
+# Structure offsets the capture needs (mm_struct.pgd), from the kernel headers.
+$(GUEST)/kernel-offsets: scripts/kernel-offsets.sh $(BUILD)/.system-$(KVER)
+	@mkdir -p $(GUEST)
+	bash scripts/kernel-offsets.sh $(KVER) $@
 $(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/*/user/*) guest/init scripts/build-scenario.sh $(BUILD)/.system-$(KVER)
 	@mkdir -p $(GUEST)
 	bash scripts/build-scenario.sh $* $(KVER) $(BUILD)
