@@ -70,7 +70,10 @@ $(GUEST)/%.cpio.gz: scenarios/%/steps.sh $(wildcard scenarios/*/* scenarios/*/us
 
 # -- the real Xen (pinned Debian build with shadow paging) and its dom0 -----
 xen: $(XEN)/.built
-$(XEN)/.built: scripts/setup-xen.sh guest/xen-dom0-init $(GUEST)/vmlinuz $(BUILD)/.system-$(KVER)
+# A hypervisor built from source (scripts/build-xen-hypervisor.sh, when no
+# package has shadow paging) takes the package's place.
+$(XEN)/.built: scripts/setup-xen.sh guest/xen-dom0-init $(GUEST)/vmlinuz $(BUILD)/.system-$(KVER) \
+               $(wildcard $(XEN)/local/xen)
 	bash scripts/setup-xen.sh $(KVER) $(BUILD)
 	@touch $@
 

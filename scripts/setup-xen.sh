@@ -70,15 +70,35 @@ fetch_and_unpack() {
     dpkg-deb -x "$debs/libyajl2_${YAJL_VERSION}_"*.deb "$unpacked"
 }
 
-# Shadow paging is what we compare with; trace buffers are how we see it.
-check_config() {
-    local config=$unpacked/boot/xen-4.17-amd64.config
-    local named="boot/xen-4.17-amd64.config of $(basename "$debs"/xen-hypervisor-4.17-amd64_"$XEN_VERSION"_*.deb)"
+# The hypervisor: the package's, or one build-xen-hypervisor.sh built from
+# the same version's source (build/xen/local) when no package has shadow
+# paging. Shadow paging is what we compare with; trace buffers are how we
+# see it: both must be on.
+install_hypervisor() {
+    local config named image
+    if [ -f "$xen/local/xen" ]; then
+        [ "$(cat "$xen/local/version" 2>/dev/null)" = "$XEN_VERSION" ] ||
+            die "$xen/local holds a hypervisor of another version than $XEN_VERSION: rebuild it (scripts/build-xen-hypervisor.sh) or remove it"
+        config=$xen/local/xen.config
+        named="$config (from build-xen-hypervisor.sh)"
+        image=$xen/local/xen
+    else
+        config=$unpacked/boot/xen-4.17-amd64.config
+        named="boot/xen-4.17-amd64.config of $(basename "$debs"/xen-hypervisor-4.17-amd64_"$XEN_VERSION"_*.deb)"
+        image=""
+    fi
     [ -f "$config" ] || die "no $named"
     for opt in CONFIG_SHADOW_PAGING CONFIG_TRACEBUFFER; do
         grep -qx "$opt=y" "$config" ||
             die "$named: $opt is not set (this Xen cannot run a shadow-paged, traced guest; see README 'Real Xen')"
     done
+    # QEMU's multiboot loader wants the plain image, not xen.gz.
+    if [ -n "$image" ]; then
+        install -m 644 "$image" "$xen/xen.$$"
+    else
+        gzip -dc "$unpacked/boot/xen-4.17-amd64.gz" > "$xen/xen.$$"
+    fi
+    mv "$xen/xen.$$" "$xen/xen"
 }
 
 # copy_with_libs ROOT FILE...: each program at its own path, every library it
@@ -86,14 +106,16 @@ check_config() {
 # under /lib/x86_64-linux-gnu, the loader at /lib64.
 copy_with_libs() {
     local root=$1; shift
-    local libdir=$unpacked/usr/lib/x86_64-linux-gnu lib path
+    local libdir=$unpacked/usr/lib/x86_64-linux-gnu lib path needs
     for f in "$@"; do
         install -D -m 755 "$unpacked/$f" "$root/$f"
-        LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f" | grep -q 'not found' &&
-            die "$f: a library is missing ($(LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f" | grep 'not found' | head -n1 | xargs))"
+        needs=$(LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f") || die "ldd $f failed"
+        if [[ $needs == *"not found"* ]]; then
+            die "$f: a library is missing ($(grep -m1 'not found' <<< "$needs" | xargs))"
+        fi
         while read -r lib path; do
             install -D -m 755 "$path" "$root/lib/x86_64-linux-gnu/$lib"
-        done < <(LD_LIBRARY_PATH=$libdir ldd "$unpacked/$f" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
+        done < <(awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' <<< "$needs")
     done
     install -D -m 755 /lib64/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
     # glibc dlopens libgcc_s for pthread_cancel: without it xl aborts at exit
@@ -148,8 +170,7 @@ build_initramfs() {
 need_host_tools
 mkdir -p "$xen"
 fetch_and_unpack
-check_config
-gzip -dc "$unpacked/boot/xen-4.17-amd64.gz" > "$xen/xen.$$" && mv "$xen/xen.$$" "$xen/xen"
+install_hypervisor
 build_initramfs
 echo "$XEN_VERSION" > "$xen/version"
 echo "setup-xen: Xen $XEN_VERSION ($(du -h "$xen/dom0.cpio.gz" | cut -f1) dom0 initramfs) in $xen"
