@@ -60,8 +60,9 @@
  *    one running it. cur_vcpu() works around it (see there).
  *
  * Output. Events go into one global chunk buffer: one total order. Its
- * lock is only taken when vCPUs run on several threads (MTTCG); with
- * thread=single callbacks are serialised already. A full chunk is handed
+ * lock, trace_lock, is taken whenever the machine has more than one vCPU,
+ * decided at install before any vCPU runs; with one vCPU callbacks are
+ * serialised already. A full chunk is handed
  * to encoder threads that delta/zigzag/byte-plane encode and zstd compress
  * the columns in parallel and append the packed chunks to the file in
  * order. When no chunk buffer is free the vCPU waits rather than dropping
@@ -238,17 +239,20 @@ static unsigned int n_vcpus;
 static unsigned int n_boot_vcpus;   /* vCPUs that run from the start */
 
 /*
- * Recording state, written by the vCPU thread(s). trace_lock is only taken
- * when vCPUs run on more than one thread (MTTCG): with thread=single all
- * callbacks are already serialised and an uncontended mutex per access
- * would cost a large share of the run time. Kept on cache lines of its own
- * so that the writer thread's counters do not bounce them.
+ * Recording state, written by the vCPU thread(s) under trace_lock (with
+ * the chunk being filled and the tracked bitmap). need_lock is decided at
+ * install, before any vCPU thread exists, and never changes: the lock is
+ * taken whenever the machine can have more than one vCPU, whether they
+ * run on one thread (round-robin, the lock is then uncontended) or on
+ * several (MTTCG). With one vCPU every callback is serialised already and
+ * the lock is not taken at all. Kept on cache lines of its own so that the
+ * writer thread's counters do not bounce them.
  */
 typedef struct {
-    bool need_lock;         /* vCPUs on several threads */
+    bool need_lock;         /* more than one vCPU: set at install */
     bool window_open;       /* also read lock-free */
     bool finished;
-    unsigned int n_started;
+    unsigned int n_started; /* also read lock-free */
     uint64_t window_no;     /* number of the current (or next) window */
     uint64_t epoch;         /* dedup epoch, also read lock-free */
     Chunk *cur;             /* chunk being filled */
@@ -257,8 +261,6 @@ typedef struct {
 static pthread_mutex_t trace_lock __attribute__((aligned(CACHE_LINE))) =
     PTHREAD_MUTEX_INITIALIZER;
 static RecState rec = { .epoch = 1 };
-static pthread_t vcpu_thread;       /* thread of the first vCPU init */
-static bool have_vcpu_thread;
 
 /*
  * Which vCPU is executing. QEMU 10.0 folds the vcpu_index it passes to
@@ -268,15 +270,29 @@ static bool have_vcpu_thread;
  * translated, so the index is often wrong. In that case only, we ask QEMU
  * itself through two symbols its binary exports (not plugin API): the
  * thread's current_cpu and gdb_get_cpu_index() (cpu_index + 1).
+ *
+ * current_cpu is a __thread variable: dlsym returns the calling thread's
+ * copy. It is looked up and checked only on the thread of the first vCPU
+ * initialised, and used only when every vCPU runs on that thread
+ * (round-robin TCG), so the pointer is always the running thread's. The
+ * method is decided once the second vCPU is initialised and said on one
+ * stderr line; with one vCPU it is said at install.
  */
-static bool fix_vcpu;
-static bool fix_vcpu_ok = true;     /* the symbols agreed at every vCPU init */
+static bool vcpu_index_from_qemu;   /* the work-around is in use */
+
+/* vCPU init runs on each vCPU's thread: several at once under MTTCG. */
+static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool one_vcpu;               /* nothing to decide */
+static unsigned int n_inits;
+static pthread_t first_thread;      /* of the first vCPU initialised */
+static bool shared_thread;          /* all vCPUs so far on first_thread */
+static bool symbols_ok = true;      /* they agreed at every vCPU init */
 static void **current_cpu_slot;
 static int (*gdb_cpu_index)(void *cpu);
 
 static inline unsigned int cur_vcpu(unsigned int vcpu_index)
 {
-    if (fix_vcpu) {
+    if (__atomic_load_n(&vcpu_index_from_qemu, __ATOMIC_RELAXED)) {
         return (unsigned int)gdb_cpu_index(*current_cpu_slot) - 1;
     }
     return vcpu_index;
@@ -287,10 +303,10 @@ static pthread_mutex_t desc_lock = PTHREAD_MUTEX_INITIALIZER;
 static GHashTable *descs, *tb_descs;
 
 /* QEMU's own mapping of the RAM file: a code host address gives its pa. */
+static pthread_once_t qram_once = PTHREAD_ONCE_INIT;
 static uintptr_t qram_host;
 static size_t qram_len;
 static uint64_t qram_off;
-static bool qram_searched;
 
 /* Chunk hand-off between the vCPU side and the encoder threads. */
 typedef struct {
@@ -360,9 +376,13 @@ static inline uint64_t cur_epoch(void)
     return __atomic_load_n(&rec.epoch, __ATOMIC_RELAXED);
 }
 
+/*
+ * Every caller holds trace_lock (or is the only vCPU), so a load and a
+ * store would do; the atomic increment keeps that true without the lock.
+ */
 static inline void bump_epoch(void)
 {
-    __atomic_store_n(&rec.epoch, rec.epoch + 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&rec.epoch, 1, __ATOMIC_RELAXED);
 }
 
 static inline void rec_lock(void)
@@ -384,10 +404,17 @@ static inline bool frame_in_ram(uint64_t pa)
     return pa < ram_limit && pa + ST_PAGE_SIZE <= ram_limit;
 }
 
+/*
+ * The bitmap is written under trace_lock but also read without it (from
+ * vcpu_mem): its words are only accessed with __atomic operations.
+ */
 static inline bool is_tracked(uint64_t pa)
 {
     uint64_t f = pa >> PAGE_SHIFT;
-    return pa < ram_limit && (tracked[f >> 6] >> (f & 63)) & 1;
+
+    return pa < ram_limit &&
+           (__atomic_load_n(&tracked[f >> 6], __ATOMIC_RELAXED) >>
+            (f & 63)) & 1;
 }
 
 static inline uint64_t ram_u64(uint64_t pa)
@@ -432,7 +459,14 @@ static void chunk_submit(void)
     }
     q.tail = c;
     pthread_cond_signal(&q.full_cond);
-    /* Block rather than drop when the encoders are behind. */
+    /*
+     * Block rather than drop when the encoders are behind. Under MTTCG the
+     * caller holds trace_lock while it waits here, so every other vCPU that
+     * records waits too; that cannot deadlock, because the encoders that
+     * free chunk buffers only ever take q.lock (never trace_lock), and a
+     * chunk in the queue is always taken by one of them: they run until
+     * q.stop, which is set only after the last submit (plugin_exit).
+     */
     while (!q.free) {
         pthread_cond_wait(&q.free_cond, &q.lock);
     }
@@ -736,7 +770,7 @@ static void snapshot_tree(unsigned int vcpu, uint64_t frame, int level)
     if (!frame_in_ram(frame) || is_tracked(frame)) {
         return;
     }
-    tracked[f >> 6] |= 1ULL << (f & 63);
+    __atomic_fetch_or(&tracked[f >> 6], 1ULL << (f & 63), __ATOMIC_RELAXED);
     frame_level[f] = (uint8_t)level;
     if (rec.cur->n_pages == CHUNK_PAGES) {
         chunk_submit();
@@ -818,7 +852,9 @@ static void window_open_locked(unsigned int self)
     store_flag(&rec.window_open, true);
     emit(ST_KIND_WINDOW_OPEN, self, 0, 0, 0, 0, rec.window_no);
     /* What the replayer knew is stale: so is what we tracked. */
-    memset(tracked, 0, ((ram_limit >> PAGE_SHIFT) + 63) / 64 * 8);
+    for (size_t i = 0; i < ((ram_limit >> PAGE_SHIFT) + 63) / 64; i++) {
+        __atomic_store_n(&tracked[i], 0, __ATOMIC_RELAXED);
+    }
     bump_epoch();
     for (unsigned int i = 0; i < n_vcpus; i++) {
         if (vcpus[i].cr3_known) {
@@ -1329,7 +1365,8 @@ static void vcpu_first_run(unsigned int vcpu_index, void *udata)
     rec_lock();
     if (!v->started && !rec.finished) {
         v->started = true;
-        rec.n_started++;
+        /* vcpu_tb_trans reads it without the lock */
+        __atomic_fetch_add(&rec.n_started, 1, __ATOMIC_RELAXED);
         v->cr3 = cr3;
         v->cr3_known = true;
         v->lm = (efer & EFER_LMA) != 0;
@@ -1441,14 +1478,8 @@ static uint64_t code_pa(const struct qemu_plugin_insn *insn)
 {
     uintptr_t h = (uintptr_t)qemu_plugin_insn_haddr(insn);
 
-    if (!qram_searched) {
-        pthread_mutex_lock(&desc_lock);
-        if (!qram_searched) {
-            find_qemu_ram();
-            qram_searched = true;
-        }
-        pthread_mutex_unlock(&desc_lock);
-    }
+    /* Searched on first use: QEMU has mapped its RAM by the first block. */
+    pthread_once(&qram_once, find_qemu_ram);
     if (qram_len && h >= qram_host && h - qram_host < qram_len) {
         return h - qram_host + qram_off;
     }
@@ -1640,6 +1671,68 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 /* ---------------------------------------------------------------------- */
 /* vCPU set-up, reset, exit                                               */
 
+/* At install: the machine's maximum number of vCPUs. */
+static void vcpu_index_setup(unsigned int max_vcpus)
+{
+    one_vcpu = max_vcpus == 1;
+    if (one_vcpu) {
+        fprintf(stderr, "shadowtrace plugin: vCPU index: as QEMU passes it "
+                "(one vCPU)\n");
+    }
+}
+
+/* On first_thread: do QEMU's symbols name this vCPU? */
+static bool symbols_name(unsigned int vcpu_index)
+{
+    if (!current_cpu_slot || !gdb_cpu_index) {
+        current_cpu_slot = dlsym(RTLD_DEFAULT, "current_cpu");
+        *(void **)&gdb_cpu_index = dlsym(RTLD_DEFAULT, "gdb_get_cpu_index");
+    }
+    return current_cpu_slot && gdb_cpu_index && *current_cpu_slot &&
+           gdb_cpu_index(*current_cpu_slot) - 1 == (int)vcpu_index;
+}
+
+/* At every vCPU's init, on its thread: choose cur_vcpu's method. */
+static void vcpu_index_vcpu_init(unsigned int vcpu_index)
+{
+    bool was, now;
+
+    if (one_vcpu) {
+        return;
+    }
+    pthread_mutex_lock(&init_lock);
+    was = vcpu_index_from_qemu;
+    if (n_inits++ == 0) {
+        first_thread = pthread_self();
+        shared_thread = true;
+    } else if (!pthread_equal(first_thread, pthread_self())) {
+        shared_thread = false;  /* MTTCG: QEMU's index is right */
+    }
+    if (shared_thread && !symbols_name(vcpu_index)) {
+        symbols_ok = false;
+    }
+    now = n_inits > 1 && shared_thread && symbols_ok;
+    if (now != was) {
+        __atomic_store_n(&vcpu_index_from_qemu, now, __ATOMIC_RELAXED);
+    }
+    if (n_inits == 2) {
+        if (!shared_thread) {
+            fprintf(stderr, "shadowtrace plugin: vCPU index: as QEMU passes "
+                    "it (vCPUs on their own threads)\n");
+        } else if (now) {
+            fprintf(stderr, "shadowtrace plugin: vCPU index: from QEMU's "
+                    "current_cpu and gdb_get_cpu_index (vCPUs share one "
+                    "thread)\n");
+        }
+    }
+    if (n_inits >= 2 && shared_thread && !now && (was || n_inits == 2)) {
+        fprintf(stderr, "shadowtrace plugin: warning: vCPUs share one "
+                "thread and QEMU's cpu index cannot be read: events may "
+                "name the wrong vCPU (use -accel tcg,thread=multi)\n");
+    }
+    pthread_mutex_unlock(&init_lock);
+}
+
 static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
     static const char *const gpr_names[16] = {
@@ -1657,35 +1750,8 @@ static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     if (v->rbuf) {
         return;     /* called again after a reset re-registration */
     }
-    /*
-     * vCPU init runs on the vCPU's own thread: two threads mean MTTCG, and
-     * from then on the recording state needs its lock. All vCPUs are
-     * initialised before the guest runs.
-     */
-    if (!have_vcpu_thread) {
-        vcpu_thread = pthread_self();
-        have_vcpu_thread = true;
-    } else if (!pthread_equal(vcpu_thread, pthread_self())) {
-        rec.need_lock = true;
-    }
-    /* Check the vcpu_index workaround (see cur_vcpu) on every vCPU. */
-    if (!current_cpu_slot || !gdb_cpu_index) {
-        current_cpu_slot = dlsym(RTLD_DEFAULT, "current_cpu");
-        *(void **)&gdb_cpu_index = dlsym(RTLD_DEFAULT, "gdb_get_cpu_index");
-    }
-    if (!current_cpu_slot || !gdb_cpu_index || !*current_cpu_slot ||
-        gdb_cpu_index(*current_cpu_slot) - 1 != (int)vcpu_index) {
-        fix_vcpu_ok = false;
-    }
-    if (vcpu_index > 0 && !rec.need_lock) {
-        /* Several vCPUs on one thread: callbacks get wrong indexes. */
-        fix_vcpu = fix_vcpu_ok;
-        if (!fix_vcpu_ok && vcpu_index == 1) {
-            fprintf(stderr, "shadowtrace plugin: warning: vCPUs share one "
-                    "thread and QEMU's cpu index cannot be read: events may "
-                    "name the wrong vCPU (use -accel tcg,thread=multi)\n");
-        }
-    }
+    /* Runs on the vCPU's own thread (several at once under MTTCG). */
+    vcpu_index_vcpu_init(vcpu_index);
     v->rbuf = g_byte_array_sized_new(ST_PAGE_SIZE);
     regs = qemu_plugin_get_registers();
     for (guint i = 0; i < regs->len; i++) {
@@ -1970,6 +2036,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id,
     if (hdr_vcpus < 0) {
         hdr_vcpus = info->system.smp_vcpus;
     }
+    /* Before any vCPU thread exists: see RecState. */
+    rec.need_lock = n_vcpus > 1;
 
     fd = open(opt_ram, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -2038,6 +2106,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id,
     }
 
     plugin_id = id;
+    vcpu_index_setup(n_vcpus);
     register_base_callbacks(id);
     return 0;
 }
