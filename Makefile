@@ -19,6 +19,9 @@ SCENARIOS := $(notdir $(patsubst %/steps.sh,%,$(wildcard scenarios/*/steps.sh)))
 
 GUEST     := $(BUILD)/guest
 PLUGIN    := $(BUILD)/plugin/libshadowtrace.so
+# the plugin's units: every .c and .h in plugin/
+PLUGIN_SRC := $(wildcard plugin/*.c)
+PLUGIN_HDR := $(wildcard plugin/*.h)
 QEMU_INC  := $(BUILD)/qemu-include
 GEN       := $(BUILD)/gen
 XEN       := $(BUILD)/xen
@@ -48,9 +51,11 @@ plugin: $(PLUGIN)
 $(GEN)/trace_format.h: replay/format.py
 	@mkdir -p $(GEN)
 	python3 replay/format.py --emit-c > $@
-$(PLUGIN): plugin/shadowtrace.c $(GEN)/trace_format.h $(QEMU_INC)/qemu-plugin.h
+# one .so from all the units; only qemu_plugin_install/_version are exported
+$(PLUGIN): $(PLUGIN_SRC) $(PLUGIN_HDR) $(GEN)/trace_format.h $(QEMU_INC)/qemu-plugin.h
 	@mkdir -p $(dir $@)
-	gcc -O2 -g -Wall -Wextra -fPIC -shared -o $@ $< -I$(GEN) -I$(QEMU_INC) \
+	gcc -O2 -g -Wall -Wextra -fPIC -fvisibility=hidden -shared -o $@ $(PLUGIN_SRC) \
+	    -I$(GEN) -I$(QEMU_INC) \
 	    $$(pkg-config --cflags --libs glib-2.0) -lmsgpackc -lzstd -lpthread
 
 # -- the guest: Debian kernel + one busybox initramfs per scenario ----------

@@ -57,22 +57,24 @@
  *    is corrected by the same delta.
  *  - With -accel tcg,thread=single and -smp > 1 the vcpu_index passed to
  *    callbacks is that of the vCPU that translated the block, not of the
- *    one running it. cur_vcpu() works around it (see there).
+ *    one running it. cur_vcpu() works around it (vcpu_index.h).
  *
  * Output. Events go into one global chunk buffer: one total order. Its
  * lock, trace_lock, is taken whenever the machine has more than one vCPU,
  * decided at install before any vCPU runs; with one vCPU callbacks are
- * serialised already. A full chunk is handed
- * to encoder threads that delta/zigzag/byte-plane encode and zstd compress
- * the columns in parallel and append the packed chunks to the file in
- * order. When no chunk buffer is free the vCPU waits rather than dropping
- * events. Execution callbacks never allocate.
+ * serialised already. A full chunk is handed to encoder threads that
+ * encode and compress it and append it to the file in order (output.h).
+ * When no chunk buffer is free the vCPU waits rather than dropping events.
+ * Execution callbacks never allocate.
+ *
+ * Files. This one is the plugin proper: options, the window, the
+ * callbacks and qemu_plugin_install. decode.c is the x86 decoder of the
+ * instructions we follow, pagetable.c guest RAM, table tracking and
+ * walks, output.c the chunks, encoders and writer, vcpu_index.c the
+ * vcpu_index work-around (the only use of QEMU internals).
  */
 
-#include <dlfcn.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -80,76 +82,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <glib.h>
-#include <msgpack.h>
-#include <msgpack/fbuffer.h>
 #include <zstd.h>
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
 
 #include <qemu-plugin.h>
 
 #include "trace_format.h"
+#include "decode.h"
+#include "output.h"
+#include "pagetable.h"
+#include "vcpu_index.h"
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
-/* x86-64 paging */
-#define PTE_P           0x1ULL
-#define PTE_PS          0x80ULL
-#define PTE_ADDR        0x000ffffffffff000ULL
-#define PTE_ADDR_1G     0x000fffffc0000000ULL
-#define PTE_ADDR_2M     0x000fffffffe00000ULL
+/* x86-64 control registers */
 #define CR0_PG          (1ULL << 31)
 #define EFER_LME        (1ULL << 8)
 #define EFER_LMA        (1ULL << 10)
-#define PAGE_SHIFT      12
-#define PAGE_MASK       (~(uint64_t)(ST_PAGE_SIZE - 1))
 /* Linux puts user space in the lower half: our user-mode test. */
 #define USER_TOP        0x0000800000000000ULL
-/* Guest RAM readable through the backend file: the pc machine keeps it
- * below 3 GiB (file offset == guest-physical address). */
-#define LOW_RAM_LIMIT   0xc0000000ULL
-/* pa of a FETCH whose page our walk could not translate */
-#define PA_UNKNOWN      UINT64_MAX
-
-/* Chunk buffers */
-#define MAX_ENCODERS    4
-#define CHUNK_PAGES     1024    /* snapshots per chunk, 4 MiB */
-#define CHUNK_MARKERS   64
-
-#define CACHE_LINE      64
 
 /* Dedup cache per vCPU */
 #define DEDUP_BITS      12
 #define DEDUP_SLOTS     (1u << DEDUP_BITS)
 #define FETCH_SLOTS     64
 #define PC_SLOTS        256
-
-/* Instruction kinds that get an execution callback */
-enum { OP_CPUID = 1, OP_MOV_CR, OP_INVLPG, OP_INVPCID };
-#define BASE_NONE       (-1)
-#define BASE_RIP        16
-enum { SEG_NONE = 0, SEG_FS, SEG_GS };
-
-/* Decoded special instruction (interned, passed as callback userdata). */
-typedef struct {
-    uint64_t pc;        /* the instruction */
-    int32_t disp;
-    uint8_t len;        /* instruction length, for RIP-relative operands */
-    uint8_t op;
-    uint8_t cr;         /* OP_MOV_CR: control register number */
-    int8_t reg;         /* GPR: mov source, INVPCID type */
-    int8_t base;        /* memory operand: GPR, BASE_RIP or BASE_NONE */
-    int8_t index;       /* GPR or BASE_NONE */
-    uint8_t scale;
-    uint8_t addr32;
-    uint8_t seg;
-} InsnDesc;
 
 /* A translated block (interned, passed as callback userdata). */
 typedef struct {
@@ -164,22 +122,6 @@ typedef struct {
     uint64_t epoch;
     uint64_t delta;     /* run-time minus translation-time address */
 } PcSlot;
-
-/* One chunk of events, columns as arrays. */
-typedef struct Chunk {
-    struct Chunk *next;
-    uint64_t seq;
-    uint32_t n, n_pages, n_markers;
-    uint8_t kind[ST_CHUNK_EVENTS];
-    uint8_t vcpu[ST_CHUNK_EVENTS];
-    uint8_t info[ST_CHUNK_EVENTS];
-    uint64_t va[ST_CHUNK_EVENTS];
-    uint64_t pa[ST_CHUNK_EVENTS];
-    uint64_t pc[ST_CHUNK_EVENTS];
-    uint64_t val[ST_CHUNK_EVENTS];
-    char markers[CHUNK_MARKERS][ST_MARKER_MAX_LEN + 1];
-    uint8_t pages[CHUNK_PAGES * ST_PAGE_SIZE];
-} Chunk;
 
 typedef struct {
     uint64_t page;      /* page + 1; 0 = empty */
@@ -230,23 +172,21 @@ static int64_t hdr_vcpus = -1;
 
 /* Plugin state */
 static qemu_plugin_id_t plugin_id;
-static const uint8_t *ram;          /* guest RAM, read-only */
-static uint64_t ram_limit;          /* readable bytes of it */
-static uint64_t *tracked;           /* bitmap of table frames */
-static uint8_t *frame_level;        /* 4..1: level of a tracked frame */
 static VCpu *vcpus;
 static unsigned int n_vcpus;
 static unsigned int n_boot_vcpus;   /* vCPUs that run from the start */
 
 /*
  * Recording state, written by the vCPU thread(s) under trace_lock (with
- * the chunk being filled and the tracked bitmap). need_lock is decided at
- * install, before any vCPU thread exists, and never changes: the lock is
- * taken whenever the machine can have more than one vCPU, whether they
- * run on one thread (round-robin, the lock is then uncontended) or on
- * several (MTTCG). With one vCPU every callback is serialised already and
- * the lock is not taken at all. Kept on cache lines of its own so that the
- * writer thread's counters do not bounce them.
+ * the output pipeline's chunk and the page-table bitmap). need_lock is
+ * decided at install, before any vCPU thread exists, and never changes:
+ * the lock is taken whenever the machine can have more than one vCPU,
+ * whether they run on one thread (round-robin, the lock is then
+ * uncontended) or on several (MTTCG). With one vCPU every callback is
+ * serialised already and the lock is not taken at all: an uncontended
+ * mutex per recorded event costs a large share of a dedup=off capture.
+ * Kept on cache lines of its own so that the writer thread's counters do
+ * not bounce them.
  */
 typedef struct {
     bool need_lock;         /* more than one vCPU: set at install */
@@ -255,108 +195,15 @@ typedef struct {
     unsigned int n_started; /* also read lock-free */
     uint64_t window_no;     /* number of the current (or next) window */
     uint64_t epoch;         /* dedup epoch, also read lock-free */
-    Chunk *cur;             /* chunk being filled */
 } __attribute__((aligned(CACHE_LINE))) RecState;
 
 static pthread_mutex_t trace_lock __attribute__((aligned(CACHE_LINE))) =
     PTHREAD_MUTEX_INITIALIZER;
 static RecState rec = { .epoch = 1 };
 
-/*
- * Which vCPU is executing. QEMU 10.0 folds the vcpu_index it passes to
- * callbacks into a constant, the index of the vCPU that translated the
- * block, whenever vCPUs do not run in parallel (CF_PARALLEL clear): with
- * -accel tcg,thread=single and -smp > 1 every vCPU runs blocks another one
- * translated, so the index is often wrong. In that case only, we ask QEMU
- * itself through two symbols its binary exports (not plugin API): the
- * thread's current_cpu and gdb_get_cpu_index() (cpu_index + 1).
- *
- * current_cpu is a __thread variable: dlsym returns the calling thread's
- * copy. It is looked up and checked only on the thread of the first vCPU
- * initialised, and used only when every vCPU runs on that thread
- * (round-robin TCG), so the pointer is always the running thread's. The
- * method is decided once the second vCPU is initialised and said on one
- * stderr line; with one vCPU it is said at install.
- */
-static bool vcpu_index_from_qemu;   /* the work-around is in use */
-
-/* vCPU init runs on each vCPU's thread: several at once under MTTCG. */
-static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
-static bool one_vcpu;               /* nothing to decide */
-static unsigned int n_inits;
-static pthread_t first_thread;      /* of the first vCPU initialised */
-static bool shared_thread;          /* all vCPUs so far on first_thread */
-static bool symbols_ok = true;      /* they agreed at every vCPU init */
-static void **current_cpu_slot;
-static int (*gdb_cpu_index)(void *cpu);
-
-static inline unsigned int cur_vcpu(unsigned int vcpu_index)
-{
-    if (__atomic_load_n(&vcpu_index_from_qemu, __ATOMIC_RELAXED)) {
-        return (unsigned int)gdb_cpu_index(*current_cpu_slot) - 1;
-    }
-    return vcpu_index;
-}
-
 /* Interned instruction and block descriptors */
 static pthread_mutex_t desc_lock = PTHREAD_MUTEX_INITIALIZER;
 static GHashTable *descs, *tb_descs;
-
-/* QEMU's own mapping of the RAM file: a code host address gives its pa. */
-static pthread_once_t qram_once = PTHREAD_ONCE_INIT;
-static uintptr_t qram_host;
-static size_t qram_len;
-static uint64_t qram_off;
-
-/* Chunk hand-off between the vCPU side and the encoder threads. */
-typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t full_cond;   /* a chunk to encode, or stop */
-    pthread_cond_t free_cond;   /* a chunk buffer came back */
-    pthread_cond_t turn_cond;   /* next_write moved on */
-    Chunk *head, *tail;         /* filled, oldest first */
-    Chunk *free;                /* empty */
-    uint64_t next_seq;          /* seq of the next chunk handed off */
-    uint64_t next_write;        /* seq of the next chunk to write */
-    bool stop;
-} __attribute__((aligned(CACHE_LINE))) ChunkQueue;
-
-static ChunkQueue q = {
-    .lock = PTHREAD_MUTEX_INITIALIZER,
-    .full_cond = PTHREAD_COND_INITIALIZER,
-    .free_cond = PTHREAD_COND_INITIALIZER,
-    .turn_cond = PTHREAD_COND_INITIALIZER,
-};
-
-/*
- * An encoder thread: chunks are encoded and compressed in parallel, each
- * into its encoder's buffer, and written to the file strictly in order.
- */
-typedef struct {
-    pthread_t thread;
-    bool running;
-    ZSTD_CCtx *cctx;
-    uint8_t *planes;            /* byte planes of a u64 column */
-    uint8_t *zbuf;              /* compressed output */
-    size_t zbuf_cap;
-    uint32_t hist[256];         /* events per kind of the chunk */
-    msgpack_sbuffer sbuf;       /* the packed chunk */
-    msgpack_packer pk;
-} __attribute__((aligned(CACHE_LINE))) Encoder;
-
-static Encoder *encoders;
-static unsigned int n_encoders;
-static FILE *out_file;
-static msgpack_packer pk;           /* header and footer, into out_file */
-
-/* Output counts: updated by the encoder whose turn it is to write. */
-typedef struct {
-    bool failed;
-    uint64_t chunks, events, dropped;
-    uint64_t by_kind[256];
-} __attribute__((aligned(CACHE_LINE))) OutState;
-
-static OutState ws;
 
 /* ---------------------------------------------------------------------- */
 /* Small helpers                                                          */
@@ -399,31 +246,6 @@ static inline void rec_unlock(void)
     }
 }
 
-static inline bool frame_in_ram(uint64_t pa)
-{
-    return pa < ram_limit && pa + ST_PAGE_SIZE <= ram_limit;
-}
-
-/*
- * The bitmap is written under trace_lock but also read without it (from
- * vcpu_mem): its words are only accessed with __atomic operations.
- */
-static inline bool is_tracked(uint64_t pa)
-{
-    uint64_t f = pa >> PAGE_SHIFT;
-
-    return pa < ram_limit &&
-           (__atomic_load_n(&tracked[f >> 6], __ATOMIC_RELAXED) >>
-            (f & 63)) & 1;
-}
-
-static inline uint64_t ram_u64(uint64_t pa)
-{
-    uint64_t v;
-    memcpy(&v, ram + pa, sizeof(v));
-    return v;
-}
-
 /* Read a register of the current vCPU (needs an R_REGS callback). */
 static uint64_t read_reg(VCpu *v, struct qemu_plugin_register *h)
 {
@@ -442,355 +264,7 @@ static uint64_t read_reg(VCpu *v, struct qemu_plugin_register *h)
 }
 
 /* ---------------------------------------------------------------------- */
-/* Chunk buffer and writer thread                                         */
-
-/* Hand the current chunk to the encoders and take a free one (may wait). */
-static void chunk_submit(void)
-{
-    Chunk *c = rec.cur;
-
-    pthread_mutex_lock(&q.lock);
-    c->next = NULL;
-    c->seq = q.next_seq++;
-    if (q.tail) {
-        q.tail->next = c;
-    } else {
-        q.head = c;
-    }
-    q.tail = c;
-    pthread_cond_signal(&q.full_cond);
-    /*
-     * Block rather than drop when the encoders are behind. Under MTTCG the
-     * caller holds trace_lock while it waits here, so every other vCPU that
-     * records waits too; that cannot deadlock, because the encoders that
-     * free chunk buffers only ever take q.lock (never trace_lock), and a
-     * chunk in the queue is always taken by one of them: they run until
-     * q.stop, which is set only after the last submit (plugin_exit).
-     */
-    while (!q.free) {
-        pthread_cond_wait(&q.free_cond, &q.lock);
-    }
-    c = q.free;
-    q.free = c->next;
-    pthread_mutex_unlock(&q.lock);
-    c->n = c->n_pages = c->n_markers = 0;
-    rec.cur = c;
-}
-
-/* Append one event; the caller holds trace_lock. Always has room. */
-static inline void emit(uint8_t kind, unsigned int vcpu, uint8_t info,
-                        uint64_t va, uint64_t pa, uint64_t pc, uint64_t val)
-{
-    Chunk *c = rec.cur;
-    uint32_t i = c->n;
-
-    c->kind[i] = kind;
-    c->vcpu[i] = (uint8_t)vcpu;
-    c->info[i] = info;
-    c->va[i] = va;
-    c->pa[i] = pa;
-    c->pc[i] = pc;
-    c->val[i] = val;
-    c->n = i + 1;
-    if (c->n == ST_CHUNK_EVENTS) {
-        chunk_submit();
-    }
-}
-
-static bool pack_str(msgpack_packer *p, const char *s)
-{
-    size_t len = strlen(s);
-
-    /* fbuffer_write fails on zero bytes (fwrite returns 0 items). */
-    return msgpack_pack_str(p, len) == 0 &&
-           (len == 0 || msgpack_pack_str_body(p, s, len) == 0);
-}
-
-/* Compress len bytes and pack them as a msgpack bin. */
-static bool pack_zstd(Encoder *e, const void *data, size_t len)
-{
-    size_t z = ZSTD_compressCCtx(e->cctx, e->zbuf, e->zbuf_cap, data, len,
-                                 opt_level);
-
-    if (ZSTD_isError(z)) {
-        fprintf(stderr, "shadowtrace plugin: zstd: %s\n", ZSTD_getErrorName(z));
-        return false;
-    }
-    return msgpack_pack_bin(&e->pk, z) == 0 &&
-           msgpack_pack_bin_body(&e->pk, e->zbuf, z) == 0;
-}
-
-static inline uint64_t zigzag_delta(uint64_t v, uint64_t prev)
-{
-    uint64_t d = v - prev;
-
-    return (d << 1) ^ (uint64_t)((int64_t)d >> 63);
-}
-
-#ifdef __SSE2__
-/* Zigzag of (cur - prev) in both 64-bit lanes (SSE2 has no 64-bit sra). */
-static inline __m128i zigzag_delta2(__m128i cur, __m128i prev)
-{
-    __m128i d = _mm_sub_epi64(cur, prev);
-    __m128i sign = _mm_srai_epi32(_mm_shuffle_epi32(d, 0xf5), 31);
-
-    return _mm_xor_si128(_mm_slli_epi64(d, 1), sign);
-}
-
-/*
- * Interleave the bytes of register k with those of register k + 4 (k < 4):
- * over 8 registers (128 bytes) that is a perfect shuffle, rotating the 7
- * bits of a byte's index left by one. Written out so that the 16 values
- * stay in registers.
- */
-#define PERFECT_SHUFFLE(o, i) do {                                       \
-        o##0 = _mm_unpacklo_epi8(i##0, i##4);                           \
-        o##1 = _mm_unpackhi_epi8(i##0, i##4);                           \
-        o##2 = _mm_unpacklo_epi8(i##1, i##5);                           \
-        o##3 = _mm_unpackhi_epi8(i##1, i##5);                           \
-        o##4 = _mm_unpacklo_epi8(i##2, i##6);                           \
-        o##5 = _mm_unpackhi_epi8(i##2, i##6);                           \
-        o##6 = _mm_unpacklo_epi8(i##3, i##7);                           \
-        o##7 = _mm_unpackhi_epi8(i##3, i##7);                           \
-    } while (0)
-
-/* Zigzag deltas of values k*2 and k*2+1 of the block at s. */
-#define LOAD_ZIGZAG(s, k)                                                \
-    zigzag_delta2(_mm_loadu_si128((const __m128i *)((s) + 2 * (k))),    \
-                  _mm_loadu_si128((const __m128i *)((s) + 2 * (k) - 1)))
-#endif
-
-/*
- * u64 column to byte planes (see replay/columns.py): delta against the
- * previous value, zigzag, then plane b holds byte b of every value.
- */
-static void encode_planes(const uint64_t *v, uint8_t *p, uint32_t n)
-{
-    uint32_t i = 0;
-
-#ifdef __SSE2__
-    /*
-     * 16 values at a time: 128 bytes indexed (value, byte); four perfect
-     * shuffles make that (byte, value), so register b holds plane b.
-     */
-    for (; i + 16 <= n; i += 16) {
-        const uint64_t *s = v + i;
-        uint8_t *o = p + i;
-        __m128i r0, r1, r2, r3, r4, r5, r6, r7;
-        __m128i t0, t1, t2, t3, t4, t5, t6, t7;
-
-        r0 = i ? LOAD_ZIGZAG(s, 0) :
-             zigzag_delta2(_mm_loadu_si128((const __m128i *)s),
-                           _mm_set_epi64x((long long)s[0], 0));
-        r1 = LOAD_ZIGZAG(s, 1);
-        r2 = LOAD_ZIGZAG(s, 2);
-        r3 = LOAD_ZIGZAG(s, 3);
-        r4 = LOAD_ZIGZAG(s, 4);
-        r5 = LOAD_ZIGZAG(s, 5);
-        r6 = LOAD_ZIGZAG(s, 6);
-        r7 = LOAD_ZIGZAG(s, 7);
-        PERFECT_SHUFFLE(t, r);
-        PERFECT_SHUFFLE(r, t);
-        PERFECT_SHUFFLE(t, r);
-        PERFECT_SHUFFLE(r, t);
-        _mm_storeu_si128((__m128i *)o, r0);
-        _mm_storeu_si128((__m128i *)(o + (size_t)n), r1);
-        _mm_storeu_si128((__m128i *)(o + 2 * (size_t)n), r2);
-        _mm_storeu_si128((__m128i *)(o + 3 * (size_t)n), r3);
-        _mm_storeu_si128((__m128i *)(o + 4 * (size_t)n), r4);
-        _mm_storeu_si128((__m128i *)(o + 5 * (size_t)n), r5);
-        _mm_storeu_si128((__m128i *)(o + 6 * (size_t)n), r6);
-        _mm_storeu_si128((__m128i *)(o + 7 * (size_t)n), r7);
-    }
-#endif
-    for (; i < n; i++) {
-        uint64_t z = zigzag_delta(v[i], i ? v[i - 1] : 0);
-
-        for (int b = 0; b < 8; b++) {
-            p[(size_t)b * n + i] = (uint8_t)(z >> (8 * b));
-        }
-    }
-}
-
-/* Pack one marker text as a list of strings split on spaces. */
-static bool pack_marker(msgpack_packer *p, const char *text)
-{
-    gchar **parts = g_strsplit(text, " ", -1);
-    guint n = 0;
-    bool ok;
-
-    for (gchar **s = parts; *s; s++) {
-        n += **s != '\0';
-    }
-    if (n == 0) {
-        /* The reader wants a non-empty list: an empty marker is [""]. */
-        ok = msgpack_pack_array(p, 1) == 0 && pack_str(p, "");
-    } else {
-        ok = msgpack_pack_array(p, n) == 0;
-        for (gchar **s = parts; ok && *s; s++) {
-            if (**s) {
-                ok = pack_str(p, *s);
-            }
-        }
-    }
-    g_strfreev(parts);
-    return ok;
-}
-
-/* Encode a chunk into the encoder's buffer. */
-static bool encode_chunk(Encoder *e, const Chunk *c)
-{
-    const uint8_t *u8cols[ST_N_U8_COLUMNS] = { c->kind, c->vcpu, c->info };
-    const uint64_t *u64cols[ST_N_U64_COLUMNS] = { c->va, c->pa, c->pc, c->val };
-    msgpack_packer *p = &e->pk;
-    bool ok;
-
-    e->sbuf.size = 0;
-    ok = msgpack_pack_map(p, 6) == 0 &&
-         pack_str(p, ST_KEY_TYPE) && pack_str(p, ST_TYPE_CHUNK) &&
-         pack_str(p, "seq") && msgpack_pack_uint64(p, c->seq) == 0 &&
-         pack_str(p, "n") && msgpack_pack_uint64(p, c->n) == 0 &&
-         pack_str(p, "cols") &&
-         msgpack_pack_map(p, ST_N_U8_COLUMNS + ST_N_U64_COLUMNS) == 0;
-    for (int i = 0; ok && i < ST_N_U8_COLUMNS; i++) {
-        ok = pack_str(p, st_u8_columns[i]) && pack_zstd(e, u8cols[i], c->n);
-    }
-    for (int i = 0; ok && i < ST_N_U64_COLUMNS; i++) {
-        encode_planes(u64cols[i], e->planes, c->n);
-        ok = pack_str(p, st_u64_columns[i]) &&
-             pack_zstd(e, e->planes, (size_t)c->n * 8);
-    }
-    ok = ok && pack_str(p, "pages") &&
-         pack_zstd(e, c->pages, (size_t)c->n_pages * ST_PAGE_SIZE);
-    ok = ok && pack_str(p, "markers") &&
-         msgpack_pack_array(p, c->n_markers) == 0;
-    for (uint32_t i = 0; ok && i < c->n_markers; i++) {
-        ok = pack_marker(p, c->markers[i]);
-    }
-
-    /* Events per kind, four histograms so neighbours do not serialise. */
-    {
-        uint32_t h[4][256];
-        uint32_t i = 0;
-
-        memset(h, 0, sizeof(h));
-        for (; i + 4 <= c->n; i += 4) {
-            h[0][c->kind[i]]++;
-            h[1][c->kind[i + 1]]++;
-            h[2][c->kind[i + 2]]++;
-            h[3][c->kind[i + 3]]++;
-        }
-        for (; i < c->n; i++) {
-            h[0][c->kind[i]]++;
-        }
-        for (int k = 0; k < 256; k++) {
-            e->hist[k] = h[0][k] + h[1][k] + h[2][k] + h[3][k];
-        }
-    }
-    return ok;
-}
-
-/* Write an encoded chunk (our turn) and count it, or count it dropped. */
-static void write_chunk(Encoder *e, const Chunk *c, bool encoded)
-{
-    if (!ws.failed &&
-        (!encoded ||
-         fwrite(e->sbuf.data, 1, e->sbuf.size, out_file) != e->sbuf.size)) {
-        ws.failed = true;
-        fprintf(stderr, "shadowtrace plugin: writing %s failed (%s): "
-                "events from now on are dropped\n", opt_out,
-                encoded ? strerror(errno) : "encoding error");
-    }
-    if (ws.failed) {
-        ws.dropped += c->n;
-        return;
-    }
-    ws.chunks++;
-    ws.events += c->n;
-    for (int k = 0; k < 256; k++) {
-        ws.by_kind[k] += e->hist[k];
-    }
-}
-
-static void *encoder_main(void *arg)
-{
-    Encoder *e = arg;
-
-    for (;;) {
-        Chunk *c;
-        bool encoded;
-
-        pthread_mutex_lock(&q.lock);
-        while (!q.head && !q.stop) {
-            pthread_cond_wait(&q.full_cond, &q.lock);
-        }
-        c = q.head;
-        if (!c) {
-            pthread_mutex_unlock(&q.lock);
-            break;
-        }
-        q.head = c->next;
-        if (!q.head) {
-            q.tail = NULL;
-        }
-        pthread_mutex_unlock(&q.lock);
-
-        encoded = encode_chunk(e, c);
-
-        /* Chunks are taken in order; wait for the earlier ones' writes. */
-        pthread_mutex_lock(&q.lock);
-        while (q.next_write != c->seq) {
-            pthread_cond_wait(&q.turn_cond, &q.lock);
-        }
-        pthread_mutex_unlock(&q.lock);
-
-        write_chunk(e, c, encoded);
-
-        pthread_mutex_lock(&q.lock);
-        q.next_write++;
-        pthread_cond_broadcast(&q.turn_cond);
-        c->next = q.free;
-        q.free = c;
-        pthread_cond_signal(&q.free_cond);
-        pthread_mutex_unlock(&q.lock);
-    }
-    return NULL;
-}
-
-/* ---------------------------------------------------------------------- */
-/* Page tables: snapshots and walks (callers hold trace_lock)             */
-
-/* Snapshot an untracked table frame and, below it, every present table. */
-static void snapshot_tree(unsigned int vcpu, uint64_t frame, int level)
-{
-    uint64_t f = frame >> PAGE_SHIFT;
-    uint64_t ents[ST_PAGE_SIZE / 8];
-    uint32_t idx;
-
-    if (!frame_in_ram(frame) || is_tracked(frame)) {
-        return;
-    }
-    __atomic_fetch_or(&tracked[f >> 6], 1ULL << (f & 63), __ATOMIC_RELAXED);
-    frame_level[f] = (uint8_t)level;
-    if (rec.cur->n_pages == CHUNK_PAGES) {
-        chunk_submit();
-    }
-    idx = rec.cur->n_pages++;
-    memcpy(rec.cur->pages + (size_t)idx * ST_PAGE_SIZE, ram + frame, ST_PAGE_SIZE);
-    /* Children are taken from the copy: the chunk may be handed off next. */
-    memcpy(ents, rec.cur->pages + (size_t)idx * ST_PAGE_SIZE, ST_PAGE_SIZE);
-    emit(ST_KIND_SNAPSHOT, vcpu, 0, 0, frame, 0, idx);
-    if (level == 1) {
-        return;
-    }
-    for (unsigned int i = 0; i < ST_PAGE_SIZE / 8; i++) {
-        uint64_t e = ents[i];
-        if (!(e & PTE_P) || (level < 4 && (e & PTE_PS))) {
-            continue;
-        }
-        snapshot_tree(vcpu, e & PTE_ADDR, level - 1);
-    }
-}
+/* Page tables of a vCPU (tracking walks hold trace_lock)                 */
 
 /*
  * Translate va from the vCPU's current CR3. With `track`, snapshot any
@@ -801,45 +275,17 @@ static void snapshot_tree(unsigned int vcpu, uint64_t frame, int level)
  */
 static uint64_t walk(VCpu *v, unsigned int vcpu, uint64_t va, bool track)
 {
-    uint64_t table;
-
     if (!v->lm || !v->cr3_known) {
         return track ? PA_UNKNOWN : va;
     }
-    table = v->cr3 & PTE_ADDR;
-    for (int level = 4; level >= 1; level--) {
-        unsigned int shift = PAGE_SHIFT + 9 * (level - 1);
-        uint64_t e;
-
-        if (!frame_in_ram(table)) {
-            return PA_UNKNOWN;
-        }
-        if (track && !is_tracked(table)) {
-            snapshot_tree(vcpu, table, level);
-        }
-        e = ram_u64(table + ((va >> shift) & 511) * 8);
-        if (!(e & PTE_P)) {
-            return PA_UNKNOWN;
-        }
-        if (level == 1) {
-            return (e & PTE_ADDR) | (va & 0xfff);
-        }
-        if (level == 3 && (e & PTE_PS)) {
-            return (e & PTE_ADDR_1G) | (va & 0x3fffffff);
-        }
-        if (level == 2 && (e & PTE_PS)) {
-            return (e & PTE_ADDR_2M) | (va & 0x1fffff);
-        }
-        table = e & PTE_ADDR;
-    }
-    return PA_UNKNOWN;
+    return pt_walk(v->cr3, vcpu, va, track);
 }
 
 /* A root just became current on this vCPU: track its tree. */
 static void track_root(VCpu *v, unsigned int vcpu)
 {
     if (v->lm && v->cr3_known) {
-        snapshot_tree(vcpu, v->cr3 & PTE_ADDR, 4);
+        pt_snapshot_tree(vcpu, v->cr3 & PTE_ADDR, 4);
     }
 }
 
@@ -850,15 +296,13 @@ static void track_root(VCpu *v, unsigned int vcpu)
 static void window_open_locked(unsigned int self)
 {
     store_flag(&rec.window_open, true);
-    emit(ST_KIND_WINDOW_OPEN, self, 0, 0, 0, 0, rec.window_no);
+    out_emit(ST_KIND_WINDOW_OPEN, self, 0, 0, 0, 0, rec.window_no);
     /* What the replayer knew is stale: so is what we tracked. */
-    for (size_t i = 0; i < ((ram_limit >> PAGE_SHIFT) + 63) / 64; i++) {
-        __atomic_store_n(&tracked[i], 0, __ATOMIC_RELAXED);
-    }
+    pt_forget_all();
     bump_epoch();
     for (unsigned int i = 0; i < n_vcpus; i++) {
         if (vcpus[i].cr3_known) {
-            emit(ST_KIND_CR3_CURRENT, i, 0, 0, 0, 0, vcpus[i].cr3);
+            out_emit(ST_KIND_CR3_CURRENT, i, 0, 0, 0, 0, vcpus[i].cr3);
         }
     }
     for (unsigned int i = 0; i < n_vcpus; i++) {
@@ -954,8 +398,8 @@ static void record_fetch(unsigned int vcpu_index, uint64_t page, uint64_t pc,
             f->epoch = e;
             f->pa = pa;
         }
-        emit(ST_KIND_FETCH, vcpu_index, 1 | (user ? ST_INFO_USER : 0),
-             page, pa, pc, 0);
+        out_emit(ST_KIND_FETCH, vcpu_index, 1 | (user ? ST_INFO_USER : 0),
+                 page, pa, pc, 0);
     }
     rec_unlock();
 }
@@ -1021,33 +465,6 @@ static void vcpu_tb_exec(unsigned int vcpu_index, void *udata)
     }
 }
 
-/* Emit TABLE_WRITEs for a store into tracked frames (lock held). */
-static void table_store(unsigned int vcpu, uint64_t va, uint64_t pa,
-                        unsigned int size, uint64_t pc)
-{
-    uint64_t first = pa & ~7ULL, last = (pa + size - 1) & ~7ULL;
-    bool any = false;
-
-    for (uint64_t ea = first; ea <= last; ea += 8) {
-        uint64_t frame = ea & PAGE_MASK, e;
-        int level;
-
-        if (!is_tracked(frame)) {
-            continue;
-        }
-        e = ram_u64(ea);
-        emit(ST_KIND_TABLE_WRITE, vcpu, 0, va, ea, pc, e);
-        any = true;
-        level = frame_level[frame >> PAGE_SHIFT];
-        if (level > 1 && (e & PTE_P) && (level == 4 || !(e & PTE_PS))) {
-            snapshot_tree(vcpu, e & PTE_ADDR, level - 1);
-        }
-    }
-    if (any) {
-        bump_epoch();
-    }
-}
-
 /* Every load and store inside the window. */
 static void vcpu_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info,
                      uint64_t vaddr, void *udata)
@@ -1085,7 +502,7 @@ static void vcpu_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info,
     }
     /* A store into a tracked table is never dropped. */
     if (store && !io) {
-        table = is_tracked(pa) || is_tracked(pa + size - 1);
+        table = pt_is_tracked(pa) || pt_is_tracked(pa + size - 1);
     }
     if (hit && !table) {
         v->deduplicated++;
@@ -1123,9 +540,9 @@ static void vcpu_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info,
             v->walk_region = region;
             v->walk_epoch = cur_epoch();
         }
-        emit(kind, vcpu_index, einfo, vaddr, pa, pc, val);
-        if (table) {
-            table_store(vcpu_index, vaddr, pa, size, pc);
+        out_emit(kind, vcpu_index, einfo, vaddr, pa, pc, val);
+        if (table && pt_table_store(vcpu_index, vaddr, pa, size, pc)) {
+            bump_epoch();
         }
     }
     rec_unlock();
@@ -1170,10 +587,10 @@ static bool read_guest(VCpu *v, uint64_t va, void *dst, size_t len)
         size_t n = MIN(len, ST_PAGE_SIZE - (va & 0xfff));
         uint64_t pa = walk(v, 0, va, false); /* read only: no vCPU needed */
 
-        if (pa == PA_UNKNOWN || pa + n > ram_limit) {
+        if (pa == PA_UNKNOWN || pa + n > pt_ram_limit) {
             break;
         }
-        memcpy(out, ram + pa, n);
+        memcpy(out, pt_ram + pa, n);
         out += n;
         va += n;
         len -= n;
@@ -1228,7 +645,7 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
         v->cr3_known = true;
         bump_epoch();
         if (rec.window_open && !rec.finished) {
-            emit(ST_KIND_CR3_WRITE, vcpu_index, 0, 0, 0, pc, value);
+            out_emit(ST_KIND_CR3_WRITE, vcpu_index, 0, 0, 0, pc, value);
             track_root(v, vcpu_index);
         }
         break;
@@ -1236,7 +653,7 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
         v->cr4 = value;
         bump_epoch();
         if (rec.window_open && !rec.finished) {
-            emit(ST_KIND_CR4_WRITE, vcpu_index, 0, 0, prev, pc, value);
+            out_emit(ST_KIND_CR4_WRITE, vcpu_index, 0, 0, prev, pc, value);
         }
         break;
     }
@@ -1256,7 +673,7 @@ static void vcpu_invlpg(unsigned int vcpu_index, void *udata)
     rec_lock();
     bump_epoch();
     if (rec.window_open && !rec.finished) {
-        emit(ST_KIND_INVLPG, vcpu_index, 0, va, 0, pc, 0);
+        out_emit(ST_KIND_INVLPG, vcpu_index, 0, va, 0, pc, 0);
     }
     rec_unlock();
 }
@@ -1277,8 +694,8 @@ static void vcpu_invpcid(unsigned int vcpu_index, void *udata)
     rec_lock();
     bump_epoch();
     if (rec.window_open && !rec.finished) {
-        emit(ST_KIND_INVPCID, vcpu_index, 0, desc[1], desc[0] & 0xfff,
-             pc, type);
+        out_emit(ST_KIND_INVPCID, vcpu_index, 0, desc[1], desc[0] & 0xfff,
+                 pc, type);
     }
     rec_unlock();
 }
@@ -1321,16 +738,14 @@ static void vcpu_cpuid(unsigned int vcpu_index, void *udata)
 
     rec_lock();
     if (!rec.finished) {
-        if (rec.cur->n_markers == CHUNK_MARKERS) {
-            chunk_submit();
-        }
-        memcpy(rec.cur->markers[rec.cur->n_markers], text, sizeof(text));
-        emit(ST_KIND_MARKER, vcpu_index, 0, 0, 0, pc, rec.cur->n_markers++);
+        uint32_t idx = out_add_marker(text);
+
+        out_emit(ST_KIND_MARKER, vcpu_index, 0, 0, 0, pc, idx);
         if (!opt_window_all && !opt_window_none && start && !rec.window_open) {
             window_open_locked(vcpu_index);
             reset = true;
         } else if (!opt_window_all && stop && rec.window_open) {
-            emit(ST_KIND_WINDOW_CLOSE, vcpu_index, 0, 0, 0, 0, rec.window_no);
+            out_emit(ST_KIND_WINDOW_CLOSE, vcpu_index, 0, 0, 0, 0, rec.window_no);
             rec.window_no++;
             store_flag(&rec.window_open, false);
             bump_epoch();
@@ -1373,7 +788,7 @@ static void vcpu_first_run(unsigned int vcpu_index, void *udata)
         if (!rec.window_open) {
             window_open_locked(vcpu_index);
         } else {
-            emit(ST_KIND_CR3_CURRENT, vcpu_index, 0, 0, 0, 0, v->cr3);
+            out_emit(ST_KIND_CR3_CURRENT, vcpu_index, 0, 0, 0, 0, v->cr3);
             track_root(v, vcpu_index);
         }
         all = rec.n_started == n_boot_vcpus;
@@ -1383,7 +798,6 @@ static void vcpu_first_run(unsigned int vcpu_index, void *udata)
         request_reset();
     }
 }
-
 /* ---------------------------------------------------------------------- */
 /* Translation: decode the instructions we follow, instrument the block   */
 
@@ -1445,169 +859,10 @@ static const TbDesc *tb_intern(const TbDesc *t)
     return found;
 }
 
-/* Find QEMU's mapping of the RAM file in /proc/self/maps (not ours). */
-static void find_qemu_ram(void)
-{
-    g_autofree char *want = realpath(opt_ram, NULL);
-    g_autofree char *maps = NULL;
-    g_auto(GStrv) lines = NULL;
-
-    if (!want || !g_file_get_contents("/proc/self/maps", &maps, NULL, NULL)) {
-        return;
-    }
-    lines = g_strsplit(maps, "\n", -1);
-    for (char **l = lines; *l; l++) {
-        unsigned long lo, hi, off;
-        int path_at = 0;
-
-        if (sscanf(*l, "%lx-%lx %*s %lx %*s %*s %n", &lo, &hi, &off,
-                   &path_at) < 3 || path_at == 0) {
-            continue;
-        }
-        if (strcmp(*l + path_at, want) == 0 && lo != (uintptr_t)ram &&
-            hi - lo > qram_len) {
-            qram_host = lo;
-            qram_len = hi - lo;
-            qram_off = off;
-        }
-    }
-}
-
 /* Guest-physical address of an instruction's first byte, if in RAM. */
 static uint64_t code_pa(const struct qemu_plugin_insn *insn)
 {
-    uintptr_t h = (uintptr_t)qemu_plugin_insn_haddr(insn);
-
-    /* Searched on first use: QEMU has mapped its RAM by the first block. */
-    pthread_once(&qram_once, find_qemu_ram);
-    if (qram_len && h >= qram_host && h - qram_host < qram_len) {
-        return h - qram_host + qram_off;
-    }
-    return PA_UNKNOWN;
-}
-
-/* ModRM memory operand (64-bit addressing); false if malformed. */
-static bool decode_mem(const uint8_t *b, size_t len, size_t i, uint8_t rex,
-                       InsnDesc *d)
-{
-    uint8_t modrm, mod, rm;
-
-    if (i >= len) {
-        return false;
-    }
-    modrm = b[i++];
-    mod = modrm >> 6;
-    rm = modrm & 7;
-    if (mod == 3) {
-        return false;
-    }
-    d->base = BASE_NONE;
-    d->index = BASE_NONE;
-    if (rm == 4) {
-        uint8_t sib, idx;
-
-        if (i >= len) {
-            return false;
-        }
-        sib = b[i++];
-        idx = ((sib >> 3) & 7) | ((rex & 2) ? 8 : 0);
-        if (idx != 4) {
-            d->index = (int8_t)idx;
-            d->scale = sib >> 6;
-        }
-        if ((sib & 7) == 5 && mod == 0) {
-            mod = 2;    /* no base, disp32 */
-        } else {
-            d->base = (int8_t)((sib & 7) | ((rex & 1) ? 8 : 0));
-        }
-    } else if (rm == 5 && mod == 0) {
-        d->base = BASE_RIP;
-        mod = 2;
-    } else {
-        d->base = (int8_t)(rm | ((rex & 1) ? 8 : 0));
-    }
-    if (mod == 1) {
-        if (i + 1 > len) {
-            return false;
-        }
-        d->disp = (int8_t)b[i];
-    } else if (mod == 2) {
-        int32_t disp;
-        if (i + 4 > len) {
-            return false;
-        }
-        memcpy(&disp, b + i, 4);
-        d->disp = disp;
-    }
-    return true;
-}
-
-/* Recognise CPUID, mov to CR0/3/4, INVLPG, INVPCID. */
-static bool decode_special(const uint8_t *b, size_t len, uint64_t pc,
-                           InsnDesc *d)
-{
-    size_t i = 0;
-    bool opsize = false, lock = false;
-    uint8_t rex = 0, op;
-
-    memset(d, 0, sizeof(*d));
-    d->pc = pc;
-    d->len = (uint8_t)len;
-    for (; i < len; i++) {
-        switch (b[i]) {
-        case 0x66:
-            opsize = true;
-            continue;
-        case 0x67:
-            d->addr32 = 1;
-            continue;
-        case 0xf0:
-            lock = true;
-            continue;
-        case 0x64:
-            d->seg = SEG_FS;
-            continue;
-        case 0x65:
-            d->seg = SEG_GS;
-            continue;
-        case 0xf2: case 0xf3: case 0x2e: case 0x36: case 0x3e: case 0x26:
-            continue;
-        }
-        break;
-    }
-    /* REX comes last; in 32-bit code 0x40..0x4f is a whole instruction. */
-    if (i < len && (b[i] & 0xf0) == 0x40) {
-        rex = b[i++];
-    }
-    if (i + 1 >= len || b[i] != 0x0f) {
-        return false;
-    }
-    op = b[i + 1];
-    i += 2;
-    if (op == 0xa2) {
-        d->op = OP_CPUID;
-        return true;
-    }
-    if (op == 0x22 && i < len) {
-        uint8_t modrm = b[i];
-        d->cr = ((modrm >> 3) & 7) | ((rex & 4) ? 8 : 0) | (lock ? 8 : 0);
-        d->reg = (int8_t)((modrm & 7) | ((rex & 1) ? 8 : 0));
-        if (d->cr == 0 || d->cr == 3 || d->cr == 4) {
-            d->op = OP_MOV_CR;
-            return true;
-        }
-        return false;
-    }
-    if (op == 0x01 && i < len && ((b[i] >> 3) & 7) == 7 && (b[i] >> 6) != 3) {
-        d->op = OP_INVLPG;
-        return decode_mem(b, len, i, rex, d);
-    }
-    if (op == 0x38 && opsize && i + 1 < len && b[i] == 0x82) {
-        d->op = OP_INVPCID;
-        d->reg = (int8_t)(((b[i + 1] >> 3) & 7) | ((rex & 4) ? 8 : 0));
-        return decode_mem(b, len, i + 1, rex, d);
-    }
-    return false;
+    return pt_host_to_pa((uintptr_t)qemu_plugin_insn_haddr(insn));
 }
 
 static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
@@ -1670,68 +925,6 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 
 /* ---------------------------------------------------------------------- */
 /* vCPU set-up, reset, exit                                               */
-
-/* At install: the machine's maximum number of vCPUs. */
-static void vcpu_index_setup(unsigned int max_vcpus)
-{
-    one_vcpu = max_vcpus == 1;
-    if (one_vcpu) {
-        fprintf(stderr, "shadowtrace plugin: vCPU index: as QEMU passes it "
-                "(one vCPU)\n");
-    }
-}
-
-/* On first_thread: do QEMU's symbols name this vCPU? */
-static bool symbols_name(unsigned int vcpu_index)
-{
-    if (!current_cpu_slot || !gdb_cpu_index) {
-        current_cpu_slot = dlsym(RTLD_DEFAULT, "current_cpu");
-        *(void **)&gdb_cpu_index = dlsym(RTLD_DEFAULT, "gdb_get_cpu_index");
-    }
-    return current_cpu_slot && gdb_cpu_index && *current_cpu_slot &&
-           gdb_cpu_index(*current_cpu_slot) - 1 == (int)vcpu_index;
-}
-
-/* At every vCPU's init, on its thread: choose cur_vcpu's method. */
-static void vcpu_index_vcpu_init(unsigned int vcpu_index)
-{
-    bool was, now;
-
-    if (one_vcpu) {
-        return;
-    }
-    pthread_mutex_lock(&init_lock);
-    was = vcpu_index_from_qemu;
-    if (n_inits++ == 0) {
-        first_thread = pthread_self();
-        shared_thread = true;
-    } else if (!pthread_equal(first_thread, pthread_self())) {
-        shared_thread = false;  /* MTTCG: QEMU's index is right */
-    }
-    if (shared_thread && !symbols_name(vcpu_index)) {
-        symbols_ok = false;
-    }
-    now = n_inits > 1 && shared_thread && symbols_ok;
-    if (now != was) {
-        __atomic_store_n(&vcpu_index_from_qemu, now, __ATOMIC_RELAXED);
-    }
-    if (n_inits == 2) {
-        if (!shared_thread) {
-            fprintf(stderr, "shadowtrace plugin: vCPU index: as QEMU passes "
-                    "it (vCPUs on their own threads)\n");
-        } else if (now) {
-            fprintf(stderr, "shadowtrace plugin: vCPU index: from QEMU's "
-                    "current_cpu and gdb_get_cpu_index (vCPUs share one "
-                    "thread)\n");
-        }
-    }
-    if (n_inits >= 2 && shared_thread && !now && (was || n_inits == 2)) {
-        fprintf(stderr, "shadowtrace plugin: warning: vCPUs share one "
-                "thread and QEMU's cpu index cannot be read: events may "
-                "name the wrong vCPU (use -accel tcg,thread=multi)\n");
-    }
-    pthread_mutex_unlock(&init_lock);
-}
 
 static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
@@ -1801,51 +994,10 @@ static void plugin_reset_done(qemu_plugin_id_t id)
     register_base_callbacks(id);
 }
 
-static bool write_footer(void)
-{
-    unsigned int kinds = 0;
-    uint64_t seen = 0, dedup = 0, n_recorded, n_tables;
-
-    for (unsigned int i = 0; i < n_vcpus; i++) {
-        seen += vcpus[i].seen;
-        dedup += vcpus[i].deduplicated;
-    }
-    n_recorded = ws.by_kind[ST_KIND_READ] + ws.by_kind[ST_KIND_WRITE] +
-                 ws.by_kind[ST_KIND_FETCH];
-    n_tables = ws.by_kind[ST_KIND_SNAPSHOT];
-    for (unsigned int k = 0; k < 256; k++) {
-        kinds += ws.by_kind[k] != 0;
-    }
-    bool ok = msgpack_pack_map(&pk, 9) == 0 &&
-              pack_str(&pk, ST_KEY_TYPE) && pack_str(&pk, ST_TYPE_FOOTER) &&
-              pack_str(&pk, "chunks") && msgpack_pack_uint64(&pk, ws.chunks) == 0 &&
-              pack_str(&pk, "events") && msgpack_pack_uint64(&pk, ws.events) == 0 &&
-              pack_str(&pk, "by_kind") && msgpack_pack_map(&pk, kinds) == 0;
-    for (unsigned int k = 0; ok && k < 256; k++) {
-        if (ws.by_kind[k]) {
-            ok = msgpack_pack_uint64(&pk, k) == 0 &&
-                 msgpack_pack_uint64(&pk, ws.by_kind[k]) == 0;
-        }
-    }
-    ok = ok &&
-         pack_str(&pk, "seen") && msgpack_pack_uint64(&pk, seen) == 0 &&
-         pack_str(&pk, "recorded") && msgpack_pack_uint64(&pk, n_recorded) == 0 &&
-         pack_str(&pk, "deduplicated") && msgpack_pack_uint64(&pk, dedup) == 0 &&
-         pack_str(&pk, "dropped") && msgpack_pack_uint64(&pk, ws.dropped) == 0 &&
-         pack_str(&pk, "tables") && msgpack_pack_uint64(&pk, n_tables) == 0;
-    {
-        g_autofree gchar *msg = g_strdup_printf(
-            "shadowtrace: %" PRIu64 " events in %" PRIu64 " chunks, %" PRIu64
-            " accesses seen, %" PRIu64 " recorded, %" PRIu64 " deduplicated, %"
-            PRIu64 " dropped, %" PRIu64 " tables\n", ws.events, ws.chunks, seen,
-            n_recorded, dedup, ws.dropped, n_tables);
-        qemu_plugin_outs(msg);
-    }
-    return ok;
-}
-
 static void plugin_exit(qemu_plugin_id_t id, void *udata)
 {
+    uint64_t seen = 0, dedup = 0;
+
     (void)id;
     (void)udata;
     rec_lock();
@@ -1855,30 +1007,15 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
     }
     rec.finished = true;
     store_flag(&rec.window_open, false);
-    if (rec.cur->n) {
-        chunk_submit();
-    }
+    out_flush();
     rec_unlock();
 
-    pthread_mutex_lock(&q.lock);
-    q.stop = true;
-    pthread_cond_broadcast(&q.full_cond);
-    pthread_mutex_unlock(&q.lock);
-    for (unsigned int i = 0; i < n_encoders; i++) {
-        if (encoders[i].running) {
-            pthread_join(encoders[i].thread, NULL);
-            encoders[i].running = false;
-        }
+    out_drain();
+    for (unsigned int i = 0; i < n_vcpus; i++) {
+        seen += vcpus[i].seen;
+        dedup += vcpus[i].deduplicated;
     }
-    if (ws.failed) {
-        fprintf(stderr, "shadowtrace plugin: %s has no footer (write error "
-                "above): the trace is truncated\n", opt_out);
-    } else if (!write_footer() || fflush(out_file) != 0) {
-        fprintf(stderr, "shadowtrace plugin: writing the footer of %s "
-                "failed: %s\n", opt_out, strerror(errno));
-    }
-    fclose(out_file);
-    out_file = NULL;
+    out_close(seen, dedup);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1992,34 +1129,12 @@ static int parse_options(int argc, char **argv)
     return 0;
 }
 
-static bool write_header(void)
-{
-    bool ok = msgpack_pack_map(&pk, 9) == 0 &&
-              pack_str(&pk, ST_KEY_TYPE) && pack_str(&pk, ST_TYPE_HEADER) &&
-              pack_str(&pk, "magic") && pack_str(&pk, ST_MAGIC) &&
-              pack_str(&pk, "version") && msgpack_pack_uint64(&pk, ST_VERSION) == 0 &&
-              pack_str(&pk, "qemu") && pack_str(&pk, hdr_qemu) &&
-              pack_str(&pk, "options") &&
-              msgpack_pack_map(&pk, opt_pairs->len / 2) == 0;
-    for (guint j = 0; ok && j < opt_pairs->len; j++) {
-        ok = pack_str(&pk, g_ptr_array_index(opt_pairs, j));
-    }
-    ok = ok &&
-         pack_str(&pk, "kernel") && pack_str(&pk, hdr_kernel) &&
-         pack_str(&pk, "ram_bytes") && msgpack_pack_uint64(&pk, opt_ramsize) == 0 &&
-         pack_str(&pk, "vcpus") && msgpack_pack_int64(&pk, hdr_vcpus) == 0 &&
-         pack_str(&pk, "scenario") && pack_str(&pk, hdr_scenario);
-    return ok && fflush(out_file) == 0;
-}
-
 QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id,
                                            const qemu_info_t *info,
                                            int argc, char **argv)
 {
-    size_t frames, u64_cap;
-    long ncpu;
-    int fd;
-    void *map;
+    TraceHeader hdr;
+    char *err;
 
     if (!info->system_emulation || strcmp(info->target_name, "x86_64") != 0) {
         return fail("needs qemu-system-x86_64 (got %s%s)", info->target_name,
@@ -2039,74 +1154,35 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id,
     /* Before any vCPU thread exists: see RecState. */
     rec.need_lock = n_vcpus > 1;
 
-    fd = open(opt_ram, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return fail("cannot open ram=%s: %s", opt_ram, strerror(errno));
+    err = pt_open_ram(opt_ram, opt_ramsize);
+    if (err) {
+        goto fail;
     }
-    /* Read-only shared view of the backend file: file offset == pa. */
-    map = mmap(NULL, opt_ramsize, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) {
-        return fail("cannot map ram=%s: %s", opt_ram, strerror(errno));
+    hdr = (TraceHeader) {
+        .qemu = hdr_qemu,
+        .kernel = hdr_kernel,
+        .scenario = hdr_scenario,
+        .vcpus = hdr_vcpus,
+        .ram_bytes = opt_ramsize,
+        .options = opt_pairs,
+    };
+    err = out_open(opt_out, opt_level, &hdr);
+    if (err) {
+        goto fail_ram;
     }
-    ram = map;
-    ram_limit = MIN(opt_ramsize, LOW_RAM_LIMIT) & PAGE_MASK;
-
-    out_file = fopen(opt_out, "wb");
-    if (!out_file) {
-        munmap(map, opt_ramsize);
-        return fail("cannot open out=%s: %s", opt_out, strerror(errno));
-    }
-    msgpack_packer_init(&pk, out_file, msgpack_fbuffer_write);
-    if (!write_header()) {
-        fclose(out_file);
-        munmap(map, opt_ramsize);
-        return fail("cannot write out=%s: %s", opt_out, strerror(errno));
-    }
-
-    frames = ram_limit >> PAGE_SHIFT;
-    tracked = g_new0(uint64_t, (frames + 63) / 64);
-    frame_level = g_new0(uint8_t, frames);
     vcpus = g_new0(VCpu, n_vcpus);
     descs = g_hash_table_new(desc_hash, desc_equal);
     tb_descs = g_hash_table_new(tb_hash, tb_equal);
-
-    /*
-     * Output side: one encoder per CPU (2..MAX_ENCODERS: even on two CPUs a
-     * second one uses the time the vCPU thread waits), two spare chunks.
-     */
-    ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    n_encoders = (unsigned int)CLAMP(ncpu, 2, MAX_ENCODERS);
-    for (unsigned int i = 0; i < n_encoders + 2; i++) {
-        Chunk *c = g_new(Chunk, 1);
-        c->n = c->n_pages = c->n_markers = 0;
-        c->next = q.free;
-        q.free = c;
-    }
-    rec.cur = q.free;
-    q.free = rec.cur->next;
-    u64_cap = (size_t)ST_CHUNK_EVENTS * 8;
-    encoders = g_new0(Encoder, n_encoders);
-    for (unsigned int i = 0; i < n_encoders; i++) {
-        Encoder *e = &encoders[i];
-
-        e->cctx = ZSTD_createCCtx();
-        e->planes = g_malloc(u64_cap);
-        e->zbuf_cap = ZSTD_compressBound(MAX(u64_cap,
-                                             (size_t)CHUNK_PAGES * ST_PAGE_SIZE));
-        e->zbuf = g_malloc(e->zbuf_cap);
-        msgpack_sbuffer_init(&e->sbuf);
-        msgpack_packer_init(&e->pk, &e->sbuf, msgpack_sbuffer_write);
-        if (!e->cctx || pthread_create(&e->thread, NULL, encoder_main, e) != 0) {
-            fclose(out_file);
-            munmap(map, opt_ramsize);
-            return fail("cannot start the encoder threads");
-        }
-        e->running = true;
-    }
 
     plugin_id = id;
     vcpu_index_setup(n_vcpus);
     register_base_callbacks(id);
     return 0;
+
+fail_ram:
+    pt_close_ram();
+fail:
+    fail("%s", err);
+    g_free(err);
+    return -1;
 }
