@@ -926,12 +926,26 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 /* ---------------------------------------------------------------------- */
 /* vCPU set-up, reset, exit                                               */
 
+/* The registers we read, by their names in QEMU's gdb description. */
+#define REG(name, field)  { name, offsetof(VCpu, field) }
+static const struct {
+    const char *name;
+    size_t offset;      /* of its handle in VCpu */
+} vcpu_regs[] = {
+    REG("rax", gpr[0]), REG("rcx", gpr[1]), REG("rdx", gpr[2]),
+    REG("rbx", gpr[3]), REG("rsp", gpr[4]), REG("rbp", gpr[5]),
+    REG("rsi", gpr[6]), REG("rdi", gpr[7]), REG("r8", gpr[8]),
+    REG("r9", gpr[9]), REG("r10", gpr[10]), REG("r11", gpr[11]),
+    REG("r12", gpr[12]), REG("r13", gpr[13]), REG("r14", gpr[14]),
+    REG("r15", gpr[15]),
+    REG("cr0", reg_cr0), REG("cr3", reg_cr3), REG("cr4", reg_cr4),
+    REG("efer", reg_efer), REG("fs_base", reg_fs_base),
+    REG("gs_base", reg_gs_base), REG("rip", reg_rip),
+};
+#undef REG
+
 static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
-    static const char *const gpr_names[16] = {
-        "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-    };
     VCpu *v;
     g_autoptr(GArray) regs = NULL;
 
@@ -950,27 +964,12 @@ static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     for (guint i = 0; i < regs->len; i++) {
         qemu_plugin_reg_descriptor *rd =
             &g_array_index(regs, qemu_plugin_reg_descriptor, i);
-        const char *name = rd->name;
 
-        for (int r = 0; r < 16; r++) {
-            if (!g_ascii_strcasecmp(name, gpr_names[r])) {
-                v->gpr[r] = rd->handle;
+        for (size_t r = 0; r < G_N_ELEMENTS(vcpu_regs); r++) {
+            if (!g_ascii_strcasecmp(rd->name, vcpu_regs[r].name)) {
+                *(struct qemu_plugin_register **)
+                    ((char *)v + vcpu_regs[r].offset) = rd->handle;
             }
-        }
-        if (!g_ascii_strcasecmp(name, "cr0")) {
-            v->reg_cr0 = rd->handle;
-        } else if (!g_ascii_strcasecmp(name, "cr3")) {
-            v->reg_cr3 = rd->handle;
-        } else if (!g_ascii_strcasecmp(name, "cr4")) {
-            v->reg_cr4 = rd->handle;
-        } else if (!g_ascii_strcasecmp(name, "efer")) {
-            v->reg_efer = rd->handle;
-        } else if (!g_ascii_strcasecmp(name, "fs_base")) {
-            v->reg_fs_base = rd->handle;
-        } else if (!g_ascii_strcasecmp(name, "gs_base")) {
-            v->reg_gs_base = rd->handle;
-        } else if (!g_ascii_strcasecmp(name, "rip")) {
-            v->reg_rip = rd->handle;
         }
     }
     if (!v->reg_cr3 || !v->reg_efer || !v->gpr[0] || !v->gpr[15]) {
