@@ -4,6 +4,7 @@
 #   make demo    set up what is missing, capture the seed scenario, replay it
 #   make test    set up what is missing, run the whole test suite
 #   make xen     fetch the real Xen and build its dom0 (part of `make test`)
+#   make plugin-test   build and run the plugin's C unit tests (part of `make test`)
 #
 # Everything is built under build/ (cached; `make clean` removes it).
 
@@ -19,16 +20,17 @@ SCENARIOS := $(notdir $(patsubst %/steps.sh,%,$(wildcard scenarios/*/steps.sh)))
 
 GUEST     := $(BUILD)/guest
 PLUGIN    := $(BUILD)/plugin/libshadowtrace.so
-# the plugin's units: every .c and .h in plugin/
+# the plugin's units: every .c and .h in plugin/ (its C tests are in plugin/tests/)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_HDR := $(wildcard plugin/*.h)
+PLUGIN_TESTS := $(BUILD)/plugin/test_decode
 QEMU_INC  := $(BUILD)/qemu-include
 GEN       := $(BUILD)/gen
 XEN       := $(BUILD)/xen
 
 export SHADOWTRACE_BUILD := $(BUILD)
 
-.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin python xen xen-fidelity
+.PHONY: all setup system demo test lint bench-capture bench-replay clean guest plugin plugin-test python xen xen-fidelity
 .DELETE_ON_ERROR:
 
 all: setup
@@ -57,6 +59,15 @@ $(PLUGIN): $(PLUGIN_SRC) $(PLUGIN_HDR) $(GEN)/trace_format.h $(QEMU_INC)/qemu-pl
 	gcc -O2 -g -Wall -Wextra -fPIC -fvisibility=hidden -shared -o $@ $(PLUGIN_SRC) \
 	    -I$(GEN) -I$(QEMU_INC) \
 	    $$(pkg-config --cflags --libs glib-2.0) -lmsgpackc -lzstd -lpthread
+
+# the decoder is a pure function: tested on byte strings, under ASan/UBSan
+# (a truncated buffer is copied to a block of its own size)
+plugin-test: $(PLUGIN_TESTS)
+	@for t in $^; do echo "$$t"; $$t || exit 1; done
+$(BUILD)/plugin/test_decode: plugin/tests/test_decode.c plugin/decode.c plugin/decode.h
+	@mkdir -p $(dir $@)
+	gcc -O1 -g -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -Iplugin -o $@ plugin/tests/test_decode.c plugin/decode.c
 
 # -- the guest: Debian kernel + one busybox initramfs per scenario ----------
 guest: $(GUEST)/vmlinuz $(GUEST)/kallsyms $(GUEST)/kernel-offsets $(SCENARIOS:%=$(GUEST)/%.cpio.gz)
@@ -97,7 +108,7 @@ demo: setup
 	$(ST) replay out/seed.trace --watch-console \
 	    --secure 'console:The address allocated is ([0-9a-f]+)'
 
-test: setup lint xen
+test: setup lint plugin-test xen
 	$(PY) -m pytest -q
 
 lint: python
