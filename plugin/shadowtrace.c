@@ -183,8 +183,11 @@ static unsigned int n_boot_vcpus;   /* vCPUs that run from the start */
  * the lock is taken whenever the machine can have more than one vCPU,
  * whether they run on one thread (round-robin, the lock is then
  * uncontended) or on several (MTTCG). With one vCPU every callback is
- * serialised already and the lock is not taken at all: an uncontended
- * mutex per recorded event costs a large share of a dedup=off capture.
+ * serialised already and the lock is not taken at all. Measured on the
+ * 2-CPU development VM: an uncontended lock/unlock pair costs 8-11 ns;
+ * a 1-vCPU window=all dedup=on boot (51 M recorded accesses) used the
+ * same CPU time with and without it (within the run-to-run noise), but a
+ * dedup=off boot records 3.3 G accesses, some 30 s of locking on ~60 s.
  * Kept on cache lines of its own so that the writer thread's counters do
  * not bounce them.
  */
