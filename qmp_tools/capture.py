@@ -20,6 +20,7 @@ from typing import Any
 
 from replay import format as fmt
 from replay.errors import TraceError
+from replay.paths import side_paths
 from replay.reader import TraceReader
 
 from .errors import GuestError, SetupError
@@ -48,12 +49,6 @@ class CaptureResult:
     truth: Path | None
     duration: float
     summary: dict[str, Any]
-
-
-def side_paths(out: Path) -> tuple[Path, Path]:
-    """The console log and ground-truth files kept beside trace ``out``."""
-    stem = out.name[: -len(".trace")] if out.name.endswith(".trace") else out.name
-    return out.with_name(stem + ".console.log"), out.with_name(stem + ".truth.json.gz")
 
 
 def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureResult:

@@ -1,57 +1,27 @@
-"""Where the built parts live (``build/`` of the checkout, or $SHADOWTRACE_BUILD)."""
+"""Where the built parts live, as a capture needs them.
+
+The layout itself (:class:`replay.paths.BuildPaths`, :data:`~replay.paths.TOP`)
+is defined once on the replay side, which the capture side already depends
+on; this module adds what a capture checks before it boots (:meth:`BuildPaths.require`)
+and the scenario folders.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from replay.paths import TOP
+from replay.paths import BuildPaths as _Layout
 
 from .errors import SetupError
 
-#: The checkout this package runs from.
-TOP = Path(__file__).resolve().parent.parent
+__all__ = ["TOP", "BuildPaths", "available_scenarios", "scenario_append"]
 
 
 @dataclass(frozen=True)
-class BuildPaths:
-    """Paths of everything ``make setup`` builds."""
-
-    root: Path
-
-    @classmethod
-    def default(cls) -> BuildPaths:
-        env = os.environ.get("SHADOWTRACE_BUILD")
-        return cls(Path(env) if env else TOP / "build")
-
-    @property
-    def guest(self) -> Path:
-        return self.root / "guest"
-
-    @property
-    def kernel(self) -> Path:
-        return self.guest / "vmlinuz"
-
-    @property
-    def kallsyms(self) -> Path:
-        """Kernel text symbols at link addresses (``make guest`` takes them)."""
-        return self.guest / "kallsyms"
-
-    @property
-    def plugin(self) -> Path:
-        return self.root / "plugin" / "libshadowtrace.so"
-
-    def initrd(self, scenario: str) -> Path:
-        return self.guest / f"{scenario}.cpio.gz"
-
-    def module_dir(self, scenario: str) -> Path:
-        """Where the scenario's built kernel modules (with symbols) are."""
-        return self.root / "scenarios" / scenario / "src"
-
-    def kernel_version(self) -> str:
-        try:
-            return (self.guest / "kernel-version").read_text().strip()
-        except OSError:
-            return ""
+class BuildPaths(_Layout):
+    """Paths of everything ``make setup`` builds (:class:`replay.paths.BuildPaths`),
+    and the check that they are there."""
 
     def require(self, scenario: str) -> None:
         """Raise SetupError naming the first missing part, if any."""

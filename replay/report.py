@@ -7,14 +7,30 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:
-    from qmp_tools.capture import CaptureResult
+
+class CaptureResult(Protocol):
+    """What :func:`print_capture_summary` shows of a capture
+    (``qmp_tools.capture.CaptureResult``; the replay side does not import
+    the capture side)."""
+
+    @property
+    def trace(self) -> Path: ...
+    @property
+    def console_log(self) -> Path: ...
+    @property
+    def truth(self) -> Path | None: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def summary(self) -> dict[str, Any]: ...
+
 
 _err = Console(stderr=True, highlight=False)
 _out = Console(highlight=False)

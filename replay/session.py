@@ -18,6 +18,7 @@ from typing import Any
 from .config import EngineConfig
 from .engine import Fact, ShadowEngine
 from .errors import UsageError
+from .paths import BuildPaths, side_paths
 from .replayer import ReplayStats
 from .timeline import Timeline
 
@@ -94,8 +95,6 @@ def console_text(trace: Path) -> str:
 
 def console_path(trace: Path) -> Path:
     """Where capture puts a trace's console log (``NAME.console.log``)."""
-    from qmp_tools.capture import side_paths
-
     return side_paths(trace)[0]
 
 
@@ -109,8 +108,6 @@ def engine_config(path: Path | None, header: dict[str, Any]) -> EngineConfig:
 
 def namer_for_trace(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:
     """PC -> ``symbol+0xoff [module]`` from the guest build's symbols."""
-    from qmp_tools.paths import BuildPaths
-
     from .symbols import from_markers
 
     paths = BuildPaths.default()
