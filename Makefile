@@ -50,9 +50,9 @@ $(QEMU_INC)/qemu-plugin.h: $(BUILD)/.system-$(KVER)
 
 # -- the plugin -------------------------------------------------------------
 plugin: $(PLUGIN)
-$(GEN)/trace_format.h: replay/format.py
+$(GEN)/trace_format.h: replay/trace/format.py
 	@mkdir -p $(GEN)
-	python3 replay/format.py --emit-c > $@
+	python3 replay/trace/format.py --emit-c > $@
 # one .so from all the units; only qemu_plugin_install/_version are exported
 $(PLUGIN): $(PLUGIN_SRC) $(PLUGIN_HDR) $(GEN)/trace_format.h $(QEMU_INC)/qemu-plugin.h
 	@mkdir -p $(dir $@)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from replay import format as fmt
 from replay.errors import TraceError
 from replay.paths import side_paths
-from replay.reader import TraceReader
+from replay.trace import format as fmt
+from replay.trace.reader import TraceReader
 
 from .errors import GuestError, SetupError
 from .machine import GuestRun, MachineConfig, Progress, qemu_version

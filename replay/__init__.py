@@ -1,7 +1,7 @@
 """shadowtrace replay: read traces and model Xen's shadow paging over them."""
 
 from .errors import ShadowtraceError, TraceError, TraceFormatError, TraceVersionError
-from .reader import Chunk, TraceReader
+from .trace.reader import Chunk, TraceReader
 
 __all__ = [
     "TraceReader",

@@ -32,12 +32,12 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from . import columns
-from . import format as fmt
 from .config import EngineConfig
 from .engine import ShadowEngine
-from .reader import TraceReader
 from .replayer import Replayer
+from .trace import columns
+from .trace import format as fmt
+from .trace.reader import TraceReader
 
 K = fmt.Kind
 DIRECT_MAP = 0xFFFF_8880_0000_0000

@@ -48,10 +48,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from . import format as fmt
 from .config import EngineConfig
 from .engine import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, Fetch, ShadowEngine, ShadowType
-from .guest import (
+from .guest.memory import (
     ADDR_MASK,
     PAGE_SHIFT,
     PTE_P,
@@ -62,9 +61,10 @@ from .guest import (
     WalkStatus,
     cr3_root,
 )
-from .reader import TraceReader
 from .replayer import Replayer, ReplayStats
 from .secure import PendingVa, SecureRegistry, Spec, canonical_va, parse_specs
+from .trace import format as fmt
+from .trace.reader import TraceReader
 
 CHECKS: Final = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
 SEVERITIES: Final = ("info", "medium", "high", "critical", "config-error")

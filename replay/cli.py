@@ -152,8 +152,8 @@ def _capture(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from qmp_tools.capture import summarise
 
-    from .reader import TraceReader
     from .report import print_json
+    from .trace.reader import TraceReader
 
     with TraceReader(args.trace, allow_truncated=args.allow_truncated) as reader:
         header = reader.header
@@ -250,7 +250,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _cut(args: argparse.Namespace) -> int:
     """``shadowtrace cut``: see replay.cut."""
-    from .cut import cut_trace, parse_events
+    from .trace.cut import cut_trace, parse_events
 
     events = parse_events(args.events) if args.events is not None else None
     res = cut_trace(args.trace, args.out, events=events, from_marker=args.from_marker,

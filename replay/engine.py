@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final, NamedTuple
 
-from . import format as fmt
 from .config import SHADOW_OOS_PAGES, VTLB_ENTRIES, EngineConfig
-from .guest import (
+from .guest.memory import (
     ADDR_MASK,
     PAGE_SHIFT,
     PTE_A,
@@ -53,6 +52,7 @@ from .guest import (
     WalkStatus,
     cr3_root,
 )
+from .trace import format as fmt
 
 
 class ShadowType(IntEnum):

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import format as fmt
 from .engine import Fact, ShadowEngine, ShadowType
-from .reader import TraceReader
 from .replayer import Replayer
+from .trace import format as fmt
+from .trace.reader import TraceReader
 
 #: Marker names drawn as vertical lines.
 LINE_MARKERS = (fmt.MARKER_START, fmt.MARKER_STOP, fmt.MARKER_SECURE_FRAME,

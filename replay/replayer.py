@@ -49,11 +49,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import format as fmt
 from .config import EngineConfig
 from .engine import ShadowEngine, VCpu
-from .guest import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
-from .reader import Chunk, Prefetch, TraceReader
+from .guest.memory import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
+from .trace import format as fmt
+from .trace.prefetch import Prefetch
+from .trace.reader import Chunk, TraceReader
 
 #: Kinds that bump the plugin's dedup epoch (plus CR3_CURRENT, conservatively).
 EPOCH_KINDS: tuple[int, ...] = tuple(int(k) for k in (

@@ -22,11 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import format as fmt
 from .config import EngineConfig
 from .engine import Fact, ShadowEngine
 from .errors import UsageError
-from .reader import Chunk
 from .replayer import ReplayStats
 from .timeline import (
     LEVELS,
@@ -37,6 +35,8 @@ from .timeline import (
     Timeline,
     VaTimeline,
 )
+from .trace import format as fmt
+from .trace.reader import Chunk
 
 #: Version of the JSON document's layout (bump on any incompatible change).
 SCHEMA = "shadowtrace.replay/1"

@@ -108,7 +108,7 @@ def engine_config(path: Path | None, header: dict[str, Any]) -> EngineConfig:
 
 def namer_for_trace(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:
     """PC -> ``symbol+0xoff [module]`` from the guest build's symbols."""
-    from .symbols import from_markers
+    from .guest.symbols import from_markers
 
     paths = BuildPaths.default()
     scenario = str(header.get("scenario") or "")
@@ -140,10 +140,10 @@ def replay(
     """
     from . import results
     from .checks import Checker
-    from .reader import TraceReader
     from .replayer import Replayer
     from .report import replay_progress
     from .timeline import FactHub, ShadowLifetimes, drive
+    from .trace.reader import TraceReader
 
     watch = list(opts.watch)
     if opts.watch_console is not None:

@@ -35,11 +35,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import format as fmt
 from .engine import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, ShadowEngine, ShadowType
-from .guest import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS, cr3_root
-from .reader import Chunk
+from .guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS, cr3_root
 from .replayer import Replayer, ReplayStats
+from .trace import format as fmt
+from .trace.reader import Chunk
 
 Key = tuple[int, ShadowType]
 

@@ -11,9 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from replay import format as fmt
-from replay.guest import Access, GuestMemory
-from replay.reader import TraceReader, read_all
+from replay.guest.memory import Access, GuestMemory
+from replay.trace import format as fmt
+from replay.trace.reader import TraceReader, read_all
 
 from .conftest import Captured
 

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from replay import format as fmt
 from replay.checks import Checker, Finding, check_file
 from replay.config import EngineConfig
 from replay.engine import Fact, ShadowEngine
 from replay.errors import UsageError
-from replay.guest import PTE_A, PTE_D, PTE_P, PTE_RW, GuestMemory, cr3_root, va_index
-from replay.reader import read_all
+from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, GuestMemory, cr3_root, va_index
 from replay.replayer import Replayer
 from replay.secure import FrameSpec, RootSpec, VaSpec, parse_spec
-from replay.writer import TraceWriter
+from replay.trace import format as fmt
+from replay.trace.reader import read_all
+from replay.trace.writer import TraceWriter
 
 from .test_guest import TABLE, GuestTables, dm
 

@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from replay import format as fmt
 from replay.checks import Checker, Finding, check_file
-from replay.cut import cut_trace
-from replay.guest import cr3_root
-from replay.reader import read_all
+from replay.guest.memory import cr3_root
 from replay.replayer import replay_file
 from replay.secure import parse_specs
+from replay.trace import format as fmt
+from replay.trace.cut import cut_trace
+from replay.trace.reader import read_all
 
 from .conftest import run_cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from qmp_tools.paths import TOP
-from replay import format as fmt
+from replay.trace import format as fmt
 
 
 def test_c_header_names_every_kind_with_its_number() -> None:

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from replay.guest import (
+from replay.guest.memory import (
     PTE_A,
     PTE_D,
     PTE_NX,

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay import format as fmt
 from replay.plot import Series, draw, series_for
-from replay.reader import read_all
 from replay.replayer import replay_file
+from replay.trace import format as fmt
+from replay.trace.reader import read_all
 
 from .conftest import run_cli
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replay import format as fmt
 from replay.errors import TraceError, TraceFormatError, TraceVersionError
-from replay.reader import TraceReader, read_all
-from replay.writer import TraceWriter
+from replay.trace import format as fmt
+from replay.trace.reader import TraceReader, read_all
+from replay.trace.writer import TraceWriter
 
 KERNEL_VA = 0xFFFF_8880_0000_1000
 
@@ -209,7 +209,7 @@ def large_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_threaded_decode_equals_one_thread(
     large_trace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from replay import reader as reader_mod
+    from replay.trace import reader as reader_mod
 
     assert reader_mod._PARALLEL_MIN_EVENTS <= LARGE  # the large chunk is decoded in parallel
     results = []
@@ -235,7 +235,7 @@ def _replace_columns(path: Path, blobs: dict[str, bytes]) -> int:
 def test_broken_columns_of_a_large_chunk(
     large_trace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
-    from replay import reader as reader_mod
+    from replay.trace import reader as reader_mod
 
     monkeypatch.setattr(reader_mod, "DECODE_THREADS", threads)
     path = tmp_path / "bad.trace"
@@ -248,7 +248,7 @@ def test_broken_columns_of_a_large_chunk(
     assert err.value.chunk == 0 and err.value.offset == offset
     # a column of the wrong length, and one that is not bytes at all
     path.write_bytes(large_trace.read_bytes())
-    from replay import columns
+    from replay.trace import columns
 
     _replace_columns(path, {"info": columns.encode_u8(np.zeros(LARGE - 1, np.uint8)),
                             "pc": 7})  # type: ignore[dict-item]
@@ -259,7 +259,7 @@ def test_broken_columns_of_a_large_chunk(
 def test_unknown_kind_in_a_large_chunk_names_the_event(
     large_trace: Path, tmp_path: Path
 ) -> None:
-    from replay import columns
+    from replay.trace import columns
 
     _, (chunk,), _ = read_all(large_trace)
     kind = chunk.kind.copy()
@@ -295,7 +295,7 @@ def write_chunks(path: Path, chunks: int, per_chunk: int = 50, footer: bool = Tr
 
 
 def test_prefetch_gives_the_same_chunks(tmp_path: Path) -> None:
-    from replay.reader import Prefetch
+    from replay.trace.prefetch import Prefetch
 
     path = tmp_path / "t.trace"
     write_chunks(path, 5)
@@ -309,7 +309,7 @@ def test_prefetch_gives_the_same_chunks(tmp_path: Path) -> None:
 
 
 def test_prefetch_raises_where_the_reader_would(tmp_path: Path) -> None:
-    from replay.reader import Prefetch
+    from replay.trace.prefetch import Prefetch
 
     path = tmp_path / "t.trace"
     write_chunks(path, 4, footer=False)  # truncated: no footer after 4 chunks
@@ -322,7 +322,7 @@ def test_prefetch_raises_where_the_reader_would(tmp_path: Path) -> None:
 
 
 def test_prefetch_close_stops_the_thread(tmp_path: Path) -> None:
-    from replay.reader import Prefetch
+    from replay.trace.prefetch import Prefetch
 
     path = tmp_path / "t.trace"
     write_chunks(path, 20)
@@ -343,7 +343,7 @@ def test_prefetch_close_stops_the_thread(tmp_path: Path) -> None:
 def test_u64_column_round_trip(n: int, top: int) -> None:
     """decode_u64 widens only the lower four byte planes when the upper
     four are zero (every zigzag delta below 2**32): both ways, odd n too."""
-    from replay import columns
+    from replay.trace import columns
 
     rng = np.random.default_rng(n + top)
     values = rng.integers(0, top, n, dtype=np.uint64) if top else np.zeros(n, np.uint64)

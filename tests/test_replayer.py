@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from replay import bench
-from replay import format as fmt
 from replay.config import EngineConfig
 from replay.engine import ShadowEngine
-from replay.guest import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, GuestMemory, va_index
-from replay.reader import TraceReader, read_all
+from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, GuestMemory, va_index
 from replay.replayer import Replayer, replay_file
-from replay.writer import TraceWriter
+from replay.trace import format as fmt
+from replay.trace.reader import TraceReader, read_all
+from replay.trace.writer import TraceWriter
 
 from .test_guest import DATA, GuestTables, dm
 

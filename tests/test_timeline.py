@@ -13,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from replay import format as fmt
 from replay.config import EngineConfig
 from replay.engine import ShadowEngine
-from replay.guest import PTE_A, PTE_D, PTE_P, PTE_RW, va_index
-from replay.reader import TraceReader
+from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, va_index
 from replay.replayer import Replayer
 from replay.timeline import LEVELS, FactHub, ShadowLifetimes, Timeline, drive
-from replay.writer import TraceWriter
+from replay.trace import format as fmt
+from replay.trace.reader import TraceReader
+from replay.trace.writer import TraceWriter
 
 from .test_guest import TABLE, GuestTables, dm
 

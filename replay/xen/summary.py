@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 
 from ..errors import UsageError
-from ..symbols import from_markers
+from ..guest.symbols import from_markers
 from .annotate import annotate, console_markers
 from .decode import decode
 

@@ -60,9 +60,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UsageError
+from ..guest.memory import PAGE_SHIFT, GuestMemory
 from . import format as fmt
-from .errors import UsageError
-from .guest import PAGE_SHIFT, GuestMemory
 from .reader import Chunk, TraceReader
 from .writer import TraceWriter
 
