@@ -32,9 +32,9 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from .config import EngineConfig
-from .engine import ShadowEngine
 from .replayer import Replayer
+from .shadow.config import EngineConfig
+from .shadow.engine import ShadowEngine
 from .trace import columns
 from .trace import format as fmt
 from .trace.reader import TraceReader

@@ -48,8 +48,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from .config import EngineConfig
-from .engine import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, Fetch, ShadowEngine, ShadowType
 from .guest.memory import (
     ADDR_MASK,
     PAGE_SHIFT,
@@ -63,6 +61,9 @@ from .guest.memory import (
 )
 from .replayer import Replayer, ReplayStats
 from .secure import PendingVa, SecureRegistry, Spec, canonical_va, parse_specs
+from .shadow.config import EngineConfig
+from .shadow.engine import ShadowEngine
+from .shadow.types import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, Fetch, ShadowType
 from .trace import format as fmt
 from .trace.reader import TraceReader
 

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .engine import Fact, ShadowEngine, ShadowType
 from .replayer import Replayer
+from .shadow.config import engine_config
+from .shadow.engine import ShadowEngine
+from .shadow.types import Fact, ShadowType
 from .trace import format as fmt
 from .trace.reader import TraceReader
 
@@ -153,8 +155,6 @@ def collect(reader: TraceReader, config: Any, *, bins: int = 400) -> Series:
 def series_for(trace: str | Path, config_path: Path | None = None, *,
                bins: int = 400) -> Series:
     """:func:`collect` on a trace file; the engine config as ``replay`` makes it."""
-    from .session import engine_config
-
     with TraceReader(trace) as reader:
         return collect(reader, engine_config(config_path, reader.header), bins=bins)
 

@@ -49,9 +49,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .config import EngineConfig
-from .engine import ShadowEngine, VCpu
 from .guest.memory import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
+from .shadow.config import EngineConfig
+from .shadow.engine import ShadowEngine
+from .shadow.types import VCpu
 from .trace import format as fmt
 from .trace.prefetch import Prefetch
 from .trace.reader import Chunk, TraceReader

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .config import EngineConfig
-from .engine import Fact, ShadowEngine
 from .errors import UsageError
 from .replayer import ReplayStats
+from .shadow.config import EngineConfig
+from .shadow.engine import ShadowEngine
+from .shadow.types import Fact
 from .timeline import (
     LEVELS,
     GuestEvent,

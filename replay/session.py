@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import EngineConfig
-from .engine import Fact, ShadowEngine
 from .errors import UsageError
 from .paths import BuildPaths, side_paths
 from .replayer import ReplayStats
+from .shadow.config import engine_config
+from .shadow.engine import ShadowEngine
+from .shadow.types import Fact
 from .timeline import Timeline
 
 #: --watch-console's default: the seed module's printk.
@@ -96,14 +97,6 @@ def console_text(trace: Path) -> str:
 def console_path(trace: Path) -> Path:
     """Where capture puts a trace's console log (``NAME.console.log``)."""
     return side_paths(trace)[0]
-
-
-def engine_config(path: Path | None, header: dict[str, Any]) -> EngineConfig:
-    """The config file's options over the trace header's vCPUs and RAM."""
-    cfg = EngineConfig.for_trace(header, path)
-    # the fact log would grow with the trace: consumers take facts as they come
-    cfg.record_facts = False
-    return cfg
 
 
 def namer_for_trace(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:

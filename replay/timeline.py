@@ -35,9 +35,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .engine import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, ShadowEngine, ShadowType
 from .guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS, cr3_root
 from .replayer import Replayer, ReplayStats
+from .shadow.engine import ShadowEngine
+from .shadow.types import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, ShadowType
 from .trace import format as fmt
 from .trace.reader import Chunk
 

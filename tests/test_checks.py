@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from replay.checks import Checker, Finding, check_file
-from replay.config import EngineConfig
-from replay.engine import Fact, ShadowEngine
 from replay.errors import UsageError
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, GuestMemory, cr3_root, va_index
 from replay.replayer import Replayer
 from replay.secure import FrameSpec, RootSpec, VaSpec, parse_spec
+from replay.shadow.config import EngineConfig
+from replay.shadow.engine import ShadowEngine
+from replay.shadow.types import Fact
 from replay.trace import format as fmt
 from replay.trace.reader import read_all
 from replay.trace.writer import TraceWriter

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from replay.config import EngineConfig
-from replay.engine import FL1, L1, L2, L3, L4, SH_GNP, SH_P, SH_RW, ShadowEngine
 from replay.errors import UsageError
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, va_index
+from replay.shadow.config import EngineConfig
+from replay.shadow.engine import ShadowEngine
+from replay.shadow.types import FL1, L1, L2, L3, L4, SH_GNP, SH_P, SH_RW
 from replay.trace import format as fmt
 
 from .test_guest import DATA, GuestTables, dm

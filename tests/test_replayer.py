@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from replay import bench
-from replay.config import EngineConfig
-from replay.engine import ShadowEngine
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, GuestMemory, va_index
 from replay.replayer import Replayer, replay_file
+from replay.shadow.config import EngineConfig
+from replay.shadow.engine import ShadowEngine
 from replay.trace import format as fmt
 from replay.trace.reader import TraceReader, read_all
 from replay.trace.writer import TraceWriter

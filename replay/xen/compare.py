@@ -35,9 +35,10 @@ from typing import Any
 
 import polars as pl
 
-from ..engine import Fact, ShadowEngine
 from ..errors import UsageError
 from ..session import ReplayOptions, console_text, console_vas, replay
+from ..shadow.engine import ShadowEngine
+from ..shadow.types import Fact
 from .summary import read_parquet
 
 #: Xen records that stand for one shadow fault on their VA.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import UsageError
+from ..errors import UsageError
 
 #: SHOPT_* bit values, as in Xen's private.h.
 SHOPT_BITS: Final[dict[str, int]] = {
@@ -187,6 +187,15 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def engine_config(path: Path | None, header: dict[str, Any]) -> EngineConfig:
+    """The engine config of a replay (``shadowtrace replay``, ``check``, ``plot``):
+    the config file's options over the trace header's vCPUs and RAM."""
+    cfg = EngineConfig.for_trace(header, path)
+    # the fact log would grow with the trace: consumers take facts as they come
+    cfg.record_facts = False
+    return cfg
 
 
 def _int(value: Any, key: str) -> int:

@@ -1,0 +1,103 @@
+"""Out-of-sync L1 shadows (``SHOPT_OUT_OF_SYNC``; Xen's ``common.c``).
+
+sh_unsync (a write fault on an L1 shadowed alone), the per-vCPU OOS hash
+(oos_hash_add, with its snapshot pages), _sh_resync (write-protect again and
+re-validate what changed since the snapshot) and shadow_resync_all.
+"""
+
+from __future__ import annotations
+
+from ..guest.memory import (
+    ADDR_MASK,
+    PAGE_SHIFT,
+    PTE_P,
+)
+from .config import SHADOW_OOS_PAGES
+from .state import EngineState
+from .types import (
+    L1,
+    Fetch,
+    VCpu,
+)
+
+
+class OutOfSync(EngineState):
+    """Out-of-sync L1s: unsync, the OOS hash and snapshots, resync."""
+
+    # ================================================================== #
+    # Out of sync                                                          #
+    # ================================================================== #
+    def _unsync(self, v: VCpu, vcpu: int, frame: int) -> None:
+        """sh_unsync: only a frame shadowed as an L1 alone, not yet OOS."""
+        types = self.pt_types.get(frame)
+        if types != {L1} or frame in self.oos_where:
+            return
+        self._oos_hash_add(v, vcpu, frame)
+        self.oos_may_write.add(frame)
+        self.counters["shadow_unsync"] += 1
+        self._fact("unsynced", frame, int(L1), -1, 0, 0, "write-fault")
+
+    def _oos_hash_add(self, v: VCpu, vcpu: int, frame: int) -> None:
+        n = SHADOW_OOS_PAGES
+        idx = frame % n
+        cur = v.oos[idx]
+        snap: list[int] | None = self.guest.entries(frame) or [0] * 512
+        if cur is not None and cur % n == idx:
+            # punt the occupant (which sits in its own slot) to the next slot
+            moved, moved_snap = cur, v.oos_snap[idx]
+            v.oos[idx], v.oos_snap[idx] = frame, snap
+            self.oos_where[frame] = (vcpu, idx)
+            frame, snap = moved, moved_snap
+            idx = (idx + 1) % n
+        occupant = v.oos[idx]
+        if occupant is not None:
+            self.counters["shadow_unsync_evict"] += 1
+            self._resync(occupant)
+        v.oos[idx], v.oos_snap[idx] = frame, snap
+        self.oos_where[frame] = (vcpu, idx)
+
+    def _oos_snap_update(self, frame: int, i: int, g: int) -> None:
+        where = self.oos_where.get(frame)
+        if where is not None:
+            snap = self.vcpus[where[0]].oos_snap[where[1]]
+            if snap is not None:
+                snap[i] = g
+
+    def _oos_forget(self, frame: int) -> None:
+        where = self.oos_where.pop(frame, None)
+        self.oos_may_write.discard(frame)
+        if where is not None:
+            v = self.vcpus[where[0]]
+            v.oos[where[1]] = None
+            v.oos_snap[where[1]] = None
+
+    def _resync(self, frame: int) -> None:
+        """_sh_resync: write-protect the frame again and re-validate every
+        entry that changed since its snapshot."""
+        where = self.oos_where.get(frame)
+        if where is None:
+            return
+        v = self.vcpus[where[0]]
+        snap = v.oos_snap[where[1]]
+        self._oos_forget(frame)
+        self._remove_write_access(frame)
+        sh = self.shadows.get((frame, L1))
+        guest = self.guest.entries(frame)
+        if sh is not None and guest is not None:
+            for i, g in enumerate(guest):
+                if snap is None or snap[i] != g:
+                    target = (g & ADDR_MASK) >> PAGE_SHIFT if g & PTE_P else -1
+                    self._set_l1e(sh, i, self._propagate(g, 1, target, Fetch.PREFETCH), g,
+                                  "resync")
+        self.counters["shadow_resync"] += 1
+        self._fact("resynced", frame, int(L1), -1, 0, 0, "resync")
+
+    def _resync_vcpu(self, v: VCpu) -> None:
+        for f in v.oos_frames():
+            self._resync(f)
+
+    def _resync_all(self) -> None:
+        """shadow_resync_all: every vCPU's OOS pages."""
+        if self.oos_where:
+            for f in list(self.oos_where):
+                self._resync(f)
