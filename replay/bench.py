@@ -32,7 +32,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from .replayer import Replayer
+from .driver.replayer import Replayer
 from .shadow.config import EngineConfig
 from .shadow.engine import ShadowEngine
 from .trace import columns

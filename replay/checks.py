@@ -48,6 +48,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from .driver.replayer import Replayer, ReplayStats
 from .guest.memory import (
     ADDR_MASK,
     PAGE_SHIFT,
@@ -59,7 +60,6 @@ from .guest.memory import (
     WalkStatus,
     cr3_root,
 )
-from .replayer import Replayer, ReplayStats
 from .secure import PendingVa, SecureRegistry, Spec, canonical_va, parse_specs
 from .shadow.config import EngineConfig
 from .shadow.engine import ShadowEngine

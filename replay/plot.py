@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .replayer import Replayer
+from .driver.replayer import Replayer
 from .shadow.config import engine_config
 from .shadow.engine import ShadowEngine
 from .shadow.types import Fact, ShadowType

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .driver.replayer import ReplayStats
 from .errors import UsageError
-from .replayer import ReplayStats
 from .shadow.config import EngineConfig
 from .shadow.engine import ShadowEngine
 from .shadow.types import Fact

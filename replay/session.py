@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .driver.replayer import ReplayStats
 from .errors import UsageError
 from .paths import BuildPaths, side_paths
-from .replayer import ReplayStats
 from .shadow.config import engine_config
 from .shadow.engine import ShadowEngine
 from .shadow.types import Fact
@@ -133,9 +133,10 @@ def replay(
     """
     from . import results
     from .checks import Checker
-    from .replayer import Replayer
+    from .driver.hub import FactHub, drive
+    from .driver.replayer import Replayer
     from .report import replay_progress
-    from .timeline import FactHub, ShadowLifetimes, drive
+    from .timeline import ShadowLifetimes
     from .trace.reader import TraceReader
 
     watch = list(opts.watch)

@@ -29,14 +29,14 @@ present shadow entry) plus the caps ``max_episodes`` / ``max_guest_events``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .driver.hub import ChunkObserver
 from .guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS, cr3_root
-from .replayer import Replayer, ReplayStats
 from .shadow.engine import ShadowEngine
 from .shadow.types import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, ShadowType
 from .trace import format as fmt
@@ -197,58 +197,6 @@ class VaTimeline:
             "leaf_pc": None if built is None else built.pc,
             "first_access_event": None if first is None else first.event,
         }
-
-
-class FactHub:
-    """Fan one engine fact stream out to several consumers."""
-
-    def __init__(self, *sinks: Callable[[Fact], None]) -> None:
-        self.sinks: list[Callable[[Fact], None]] = list(sinks)
-
-    def add(self, sink: Callable[[Fact], None]) -> None:
-        self.sinks.append(sink)
-
-    def __call__(self, fact: Fact) -> None:
-        for sink in self.sinks:
-            sink(fact)
-
-
-class ChunkObserver:
-    """Hooks :func:`drive` calls around each chunk (both optional)."""
-
-    def before_chunk(self, chunk: Chunk) -> None:  # noqa: B027
-        pass
-
-    def after_chunk(self, chunk: Chunk) -> None:  # noqa: B027
-        pass
-
-
-def drive(
-    replayer: Replayer,
-    chunks: Iterable[Chunk],
-    observers: Iterable[Any] = (),
-    on_chunk: Callable[[Chunk], None] | None = None,
-) -> ReplayStats:
-    """:meth:`Replayer.run` with hooks: each observer's ``before_chunk`` and
-    ``after_chunk`` (when it has them) run right around the chunk's feed, so
-    the engine state they see is that of the chunk's start and end."""
-    obs = list(observers)
-    before = [o.before_chunk for o in obs if hasattr(o, "before_chunk")]
-    after = [o.after_chunk for o in obs if hasattr(o, "after_chunk")]
-    it = iter(chunks)
-    cur = next(it, None)
-    while cur is not None:
-        nxt = next(it, None)
-        following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
-        for b in before:
-            b(cur)
-        replayer.feed(cur, following)
-        for a in after:
-            a(cur)
-        if on_chunk is not None:
-            on_chunk(cur)
-        cur = nxt
-    return replayer.stats
 
 
 @dataclass
@@ -653,8 +601,6 @@ class Timeline(ChunkObserver):
 
 __all__ = [
     "Birth",
-    "ChunkObserver",
-    "FactHub",
     "GuestEvent",
     "LEVELS",
     "LevelRecord",
@@ -663,5 +609,4 @@ __all__ = [
     "ShadowLifetimes",
     "Timeline",
     "VaTimeline",
-    "drive",
 ]

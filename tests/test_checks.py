@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from replay.checks import Checker, Finding, check_file
+from replay.driver.replayer import Replayer
 from replay.errors import UsageError
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, GuestMemory, cr3_root, va_index
-from replay.replayer import Replayer
 from replay.secure import FrameSpec, RootSpec, VaSpec, parse_spec
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine

@@ -36,8 +36,8 @@ import numpy as np
 import pytest
 
 from replay.checks import Checker, Finding, check_file
+from replay.driver.replayer import replay_file
 from replay.guest.memory import cr3_root
-from replay.replayer import replay_file
 from replay.secure import parse_specs
 from replay.trace import format as fmt
 from replay.trace.cut import cut_trace

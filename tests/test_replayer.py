@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from replay import bench
+from replay.driver.replayer import Replayer, replay_file
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, GuestMemory, va_index
-from replay.replayer import Replayer, replay_file
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine
 from replay.trace import format as fmt
@@ -349,7 +349,7 @@ def test_dedup_grouping_fallback_gives_the_same_result(
     (every fingerprint 0) and expect the same replay."""
     import numpy as np
 
-    from replay import replayer as replayer_mod
+    from replay.driver import replayer as replayer_mod
 
     events = workload(seed=13, n=2000)
     path = write_trace(tmp_path / "w.trace", events, flush_every=701)
@@ -370,9 +370,9 @@ def test_fast_path_with_translation_keys_as_bytes(
     chunks with one take bytes, the others numbers, in the same sets."""
     import numpy as np
 
-    from replay import replayer as replayer_mod
+    from replay.driver import fastpath
 
-    monkeypatch.setattr(replayer_mod, "_VA_TOP_ALL", np.uint64(0))
+    monkeypatch.setattr(fastpath, "_VA_TOP_ALL", np.uint64(0))
     events = workload(seed=21)
     # small chunks: those with a store into a table (through the direct
     # map) take bytes, the others numbers

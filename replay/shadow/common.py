@@ -8,24 +8,9 @@ current roots).
 
 from __future__ import annotations
 
-from ..guest.memory import (
-    PAGE_SHIFT,
-)
+from ..guest.memory import PAGE_SHIFT
 from .state import EngineState
-from .types import (
-    _TYPE_NAME,
-    FL1,
-    L1,
-    L2,
-    L3,
-    L4,
-    SH_ADDR,
-    SH_P,
-    SH_RW,
-    Key,
-    Shadow,
-    ShadowType,
-)
+from .types import _TYPE_NAME, FL1, L1, L2, L3, L4, SH_ADDR, SH_P, SH_RW, Key, Shadow, ShadowType
 
 
 class Common(EngineState):

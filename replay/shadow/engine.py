@@ -32,29 +32,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from ..guest.memory import (
-    PAGE_SHIFT,
-    cr3_root,
-)
+from ..guest.memory import PAGE_SHIFT, cr3_root
 from ..trace import format as fmt
 from .common import Common
 from .multi import Multi
 from .oos import OutOfSync
 from .targets import Cr3Targets
-from .types import (
-    _BELOW,
-    FL1,
-    L1,
-    L4,
-    SH_ADDR,
-    SH_FL1,
-    SH_NX,
-    SH_P,
-    SH_RW,
-    SH_US,
-    Key,
-    VCpu,
-)
+from .types import _BELOW, FL1, L1, L4, SH_ADDR, SH_FL1, SH_NX, SH_P, SH_RW, SH_US, Key, VCpu
 
 #: CR4 bits whose change makes Xen recompute paging modes (hvm_set_cr4).
 _CR4_PSE, _CR4_PAE, _CR4_PGE, _CR4_PCIDE, _CR4_SMEP = 1 << 4, 1 << 5, 1 << 7, 1 << 17, 1 << 20

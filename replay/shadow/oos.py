@@ -7,18 +7,10 @@ re-validate what changed since the snapshot) and shadow_resync_all.
 
 from __future__ import annotations
 
-from ..guest.memory import (
-    ADDR_MASK,
-    PAGE_SHIFT,
-    PTE_P,
-)
+from ..guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P
 from .config import SHADOW_OOS_PAGES
 from .state import EngineState
-from .types import (
-    L1,
-    Fetch,
-    VCpu,
-)
+from .types import L1, Fetch, VCpu
 
 
 class OutOfSync(EngineState):

@@ -24,10 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..guest.memory import (
-    PAGE_SHIFT,
-    GuestMemory,
-)
+from ..guest.memory import PAGE_SHIFT, GuestMemory
 from .config import SHADOW_OOS_PAGES, VTLB_ENTRIES, EngineConfig
 from .types import (
     _BELOW,

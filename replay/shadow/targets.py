@@ -12,12 +12,7 @@ from __future__ import annotations
 
 from ..trace import format as fmt
 from .state import EngineState
-from .types import (
-    L4,
-    Hazard,
-    Key,
-    VCpu,
-)
+from .types import L4, Hazard, Key, VCpu
 
 
 class Cr3Targets(EngineState):

@@ -18,15 +18,9 @@ sequence, and give the same results. Dropping a repeat is safe for the
 engine: between two translation-changing events the second identical access
 finds the shadows the first one left (only other accesses ran in between).
 
-**Fast path.** Without an ``after_event`` observer, accesses between two
-other events are taken in bulk when the engine already found each of them
-allowed (same vCPU, kind, mode and page) on the same roots with no
-restricting shadow change since (:meth:`ShadowEngine.access_token`), and
-their translations already matched the walk with the same CR3s and table
-layout: the engine would change nothing but its counters and the vCPU's
-last store, so only those are updated. The results are the same as event
-by event (``Replayer(fast=False)`` feeds every event one by one; the tests
-compare the two after every chunk).
+**Fast path.** Without an ``after_event`` observer, runs of accesses the
+engine already allowed are taken in bulk (:mod:`replay.driver.fastpath`); the
+results are the same as event by event (``Replayer(fast=False)``).
 
 **Translation cross-check (C7).** For every access that reaches the engine
 and whose walk is known, the guest-physical page the trace recorded is
@@ -38,24 +32,21 @@ mismatch count is 0.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import not_
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .guest.memory import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
-from .shadow.config import EngineConfig
-from .shadow.engine import ShadowEngine
-from .shadow.types import VCpu
-from .trace import format as fmt
-from .trace.prefetch import Prefetch
-from .trace.reader import Chunk, TraceReader
+from ..guest.memory import PAGE_SHIFT, TRANSLATE_UNKNOWN, TRANSLATE_UNMAPPED
+from ..shadow.config import EngineConfig
+from ..shadow.engine import ShadowEngine
+from ..trace import format as fmt
+from ..trace.prefetch import Prefetch
+from ..trace.reader import Chunk, TraceReader
+from .fastpath import FastPath
 
 #: Kinds that bump the plugin's dedup epoch (plus CR3_CURRENT, conservatively).
 EPOCH_KINDS: tuple[int, ...] = tuple(int(k) for k in (
@@ -79,9 +70,6 @@ _PAGE_BITS = np.uint64(~((1 << PAGE_SHIFT) - 1) & (2**64 - 1))
 _FP_KEY = np.uint64(0x9E3779B97F4A7C15)
 _FP_SEG = np.uint64(0xC2B2AE3D27D4EB4F)
 _POS_BITS = 16
-#: Fast path: runs of at most this many accesses between other events are
-#: taken one by one (cheaper than in bulk when short).
-_SHORT_RUN = 8
 _POS_MASK = np.uint64((1 << _POS_BITS) - 1)
 
 
@@ -93,47 +81,6 @@ def _access_keys(chunk: Chunk, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.uint
     key |= chunk.kind[idx].astype(np.uint64) << np.uint64(1)
     key |= ((chunk.info[idx] & fmt.INFO_USER) != 0).astype(np.uint64)
     return key
-
-
-def _not_in(known: set[Any], keys: list[Any], lo: int, hi: int) -> list[int]:
-    """Positions ``lo .. hi-1`` whose key is not in ``known``, in order."""
-    part = keys[lo:hi]
-    if known.issuperset(part):
-        return []
-    return list(compress(range(lo, hi), map(not_, map(known.__contains__, part))))
-
-
-#: Translation keys pack into one 64-bit number when the VA is canonical
-#: with 48 bits (its page is then its low 36 bits) and the pa below 4 GiB.
-_VA_TOP_SHIFT = np.uint64(47)
-_VA_TOP_ALL = np.uint64((1 << 17) - 1)
-_VPAGE_36 = np.uint64((1 << 36) - 1)
-
-
-def _translation_keys(
-    va: npt.NDArray[np.uint64], vcpu: npt.NDArray[np.uint8], pa: npt.NDArray[np.uint64],
-    is_access: npt.NDArray[np.bool_],
-) -> list[int | bytes]:
-    """One key per event for (VA page, vCPU, pa page), equal exactly when
-    the three are (for the accesses; other events' keys are not used): a
-    64-bit number (VA page low 36 bits, pa page 20 bits, vCPU 8 bits) when
-    every access of the chunk fits, else 16 bytes. The two forms never
-    compare equal, so mixing them in one set is sound."""
-    vpage = va >> np.uint64(PAGE_SHIFT)
-    ppage = pa >> np.uint64(PAGE_SHIFT)
-    top = (va >> _VA_TOP_SHIFT)[is_access]
-    if (len(top) and ((top == 0) | (top == _VA_TOP_ALL)).all()
-            and int(ppage[is_access].max()) < 1 << 20):
-        packed = (vpage & _VPAGE_36) << np.uint64(28)
-        packed |= ppage << np.uint64(8)
-        packed |= vcpu.astype(np.uint64)
-        keys: list[int | bytes] = packed.tolist()
-        return keys
-    pair = np.empty((len(va), 2), dtype=np.uint64)
-    pair[:, 0] = (vpage << np.uint64(8)) | vcpu
-    pair[:, 1] = ppage
-    keys = pair.view("V16").ravel().tolist()
-    return keys
 
 
 def _groups(
@@ -200,7 +147,7 @@ class ReplayStats:
     markers: list[tuple[int, int, list[str]]] = field(default_factory=list)
 
 
-class Replayer:
+class Replayer(FastPath):
     """Feed chunks to an engine, filtering repeats and cross-checking walks.
 
     :param engine: the engine to drive (a default one if omitted).
@@ -389,187 +336,6 @@ class Replayer:
             eng.process(kind, index, vcpu, info, va, pa, pc, val, None, marker)
         else:
             eng.process(kind, index, vcpu, info, va, pa, pc, val)
-
-    def _tokens(self, c7_vcpus: list[VCpu]) -> tuple[set[int], set[int | bytes]]:
-        """The fast path's sets for the engine's state now (C7 looks at the
-        CR3s of ``c7_vcpus``, as the per-event loop does)."""
-        eng = self.engine
-        log = eng.leaf_log
-        if eng.restrict_gen != self._allowed_gen:
-            self._allowed = {}
-            self._by_leaf = {}
-            self._allowed_gen = eng.restrict_gen
-            log.clear()
-        elif log:
-            by_leaf = self._by_leaf
-            for leaf in log:
-                for ok, key in by_leaf.pop(leaf, ()):
-                    ok.discard(key)
-            log.clear()
-        ok_a = self._allowed.setdefault(eng.access_token(), set())
-        layout = eng.guest.layout
-        if layout != self._matched_layout:
-            self._matched = {}
-            self._matched_layout = layout
-        ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
-        return ok_a, ok_c
-
-    def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
-        """:meth:`_loop` without an observer: runs of accesses in bulk.
-
-        Between two other events, the accesses whose keys the engine found
-        allowed (and whose translations matched) under the current tokens
-        are counted in bulk; each other access is fed as in :meth:`_loop`,
-        and after one that changed the engine the tokens are read again."""
-        eng = self.engine
-        counters = eng.counters
-        # C7 reads the CR3s from the current vCPU list (a WINDOW_OPEN
-        # replaces it), like the per-event loop
-        c7_vcpus = eng.vcpus
-        check = self.check_translation
-        st = self.stats
-        first = chunk.first
-        kind_k = chunk.kind[rows]
-        vcpu_k = chunk.vcpu[rows]
-        info_k = chunk.info[rows]
-        va_k = chunk.va[rows]
-        pa_k = chunk.pa[rows]
-        is_acc = kind_k <= _FETCH
-        # access key: page, vCPU, MMIO, kind, user (64 bits)
-        vpage = va_k >> np.uint64(PAGE_SHIFT)
-        akey = (
-            (vpage << np.uint64(12))
-            | (vcpu_k.astype(np.uint64) << np.uint64(4))
-            | ((info_k & fmt.INFO_IO) != 0).astype(np.uint64) << np.uint64(3)
-            | ((kind_k.astype(np.uint64) - np.uint64(1)) & np.uint64(3)) << np.uint64(1)
-            | ((info_k & fmt.INFO_USER) != 0).astype(np.uint64)
-        )
-        akeys: list[int] = akey.tolist()
-        ckeys: list[int | bytes] = _translation_keys(va_k, vcpu_k, pa_k, is_acc) if check else []
-        L_i: list[int] = rows.tolist()
-        L_vcpu: list[int] = vcpu_k.tolist()
-        wpos: list[int] = np.flatnonzero(kind_k == _WRITE).tolist()
-        bounds: list[int] = np.flatnonzero(~is_acc).tolist()
-        bounds.append(len(rows))
-        # the other columns, read per event: as lists when many events are
-        # read one by one (short runs between other events), else each
-        # value from numpy when needed
-        kind_at: Callable[[int], int]
-        info_at: Callable[[int], int]
-        va_at: Callable[[int], int]
-        pa_at: Callable[[int], int]
-        if len(bounds) * _SHORT_RUN > len(rows):
-            kind_at, info_at = kind_k.tolist().__getitem__, info_k.tolist().__getitem__
-            va_at, pa_at = va_k.tolist().__getitem__, pa_k.tolist().__getitem__
-        else:
-            kind_at, info_at, va_at, pa_at = kind_k.item, info_k.item, va_k.item, pa_k.item
-        size_mask = fmt.INFO_SIZE_MASK
-        user_bit = fmt.INFO_USER
-        io_bit = 1 << 3
-
-        def bulk(x: int, y: int) -> None:
-            """Accesses x .. y-1, every one allowed and translated as
-            before: the engine would only count them and note each vCPU's
-            last store."""
-            n = y - x
-            counters["accesses"] += n
-            self.bulk_accesses += n
-            if check:
-                st.translations_checked += n
-            lo, hi = bisect_left(wpos, x), bisect_left(wpos, y)
-            if hi > lo:
-                seen: set[int] = set()
-                for t in range(hi - 1, lo - 1, -1):
-                    j = wpos[t]
-                    vc = L_vcpu[j]
-                    if vc not in seen:
-                        seen.add(vc)
-                        info = info_at(j)
-                        eng.vcpus[vc].last_store = (
-                            va_at(j), info & size_mask or 8, bool(info & user_bit))
-            eng._event, eng._vcpu = first + L_i[y - 1], L_vcpu[y - 1]
-
-        def one(j: int, ok_a: set[int], ok_c: set[int | bytes]) -> bool:
-            """Access j as the per-event loop feeds it; False when the
-            engine may have changed (the tokens must be read again)."""
-            index = first + L_i[j]
-            vcpu, va, pa = L_vcpu[j], va_at(j), pa_at(j)
-            if check:
-                ck = ckeys[j]
-                if ck in ok_c:
-                    st.translations_checked += 1
-                elif self._c7(index, vcpu, va, pa, c7_vcpus):
-                    ok_c.add(ck)
-            ak = akeys[j]
-            kind, info = kind_at(j), info_at(j)
-            if ak in ok_a:
-                counters["accesses"] += 1
-                if kind == _WRITE:
-                    eng.vcpus[vcpu].last_store = (va, info & size_mask or 8, bool(info & user_bit))
-                eng._event, eng._vcpu = index, vcpu
-                return True
-            if eng.access(index, vcpu, kind, va, info, pa):
-                leaf = eng.allowed_leaf(vcpu, va)
-                if not ak & io_bit and leaf is not None:
-                    ok_a.add(ak)
-                    self._by_leaf.setdefault(leaf, []).append((ok_a, ak))
-                return True
-            return False
-
-        a = 0
-        for b in bounds:
-            if 0 < b - a <= _SHORT_RUN:
-                # a short run: one by one, each known one counted on the spot
-                ok_a, ok_c = self._tokens(c7_vcpus)
-                for j in range(a, b):
-                    if akeys[j] in ok_a and (not check or ckeys[j] in ok_c):
-                        counters["accesses"] += 1
-                        self.bulk_accesses += 1
-                        if check:
-                            st.translations_checked += 1
-                        vcpu = L_vcpu[j]
-                        if kind_at(j) == _WRITE:
-                            info = info_at(j)
-                            eng.vcpus[vcpu].last_store = (
-                                va_at(j), info & size_mask or 8, bool(info & user_bit))
-                        eng._event, eng._vcpu = first + L_i[j], vcpu
-                    elif not one(j, ok_a, ok_c):
-                        ok_a, ok_c = self._tokens(c7_vcpus)
-            elif b > a:
-                ok_a, ok_c = self._tokens(c7_vcpus)
-                # windows of accesses: all of them first, after an engine
-                # change a short one, doubling while nothing changes
-                j, win = a, b - a
-                while j < b:
-                    hi = min(b, j + win)
-                    unknown = _not_in(ok_a, akeys, j, hi)
-                    if check:
-                        unknown_c = _not_in(ok_c, ckeys, j, hi)
-                        if unknown_c:
-                            unknown = sorted(set(unknown).union(unknown_c))
-                    changed = False
-                    for u in unknown:
-                        if u > j:
-                            bulk(j, u)
-                        j = u + 1
-                        if not one(u, ok_a, ok_c):
-                            changed = True
-                            break
-                    if changed:
-                        ok_a, ok_c = self._tokens(c7_vcpus)
-                        win = 64
-                    else:
-                        if hi > j:
-                            bulk(j, hi)
-                        j = hi
-                        win *= 2
-            if b < len(L_i):
-                kind = kind_at(b)
-                self._other(chunk, first + L_i[b], kind, L_vcpu[b], info_at(b), va_at(b),
-                            pa_at(b), chunk.pc.item(L_i[b]), chunk.val.item(L_i[b]))
-                if kind == _WINDOW_OPEN:
-                    c7_vcpus = eng.vcpus  # the window replaced the vCPU list
-            a = b + 1
 
     def _c7(self, index: int, vcpu: int, va: int, pa: int, vcpus: Sequence[Any]) -> bool:
         """Cross-check one access (C7): the model's walk of the guest tables

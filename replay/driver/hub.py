@@ -1,0 +1,67 @@
+"""Driving a replay: the fact hub and the chunk loop with observers.
+
+:class:`FactHub` fans the engine's one fact stream out to several
+consumers; :func:`drive` is :meth:`Replayer.run <replay.driver.replayer.Replayer.run>`
+with observers (:class:`ChunkObserver`) called around each chunk's feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..shadow.types import Fact
+from ..trace.reader import Chunk
+from .replayer import Replayer, ReplayStats
+
+
+class FactHub:
+    """Fan one engine fact stream out to several consumers."""
+
+    def __init__(self, *sinks: Callable[[Fact], None]) -> None:
+        self.sinks: list[Callable[[Fact], None]] = list(sinks)
+
+    def add(self, sink: Callable[[Fact], None]) -> None:
+        self.sinks.append(sink)
+
+    def __call__(self, fact: Fact) -> None:
+        for sink in self.sinks:
+            sink(fact)
+
+
+class ChunkObserver:
+    """Hooks :func:`drive` calls around each chunk (both optional)."""
+
+    def before_chunk(self, chunk: Chunk) -> None:  # noqa: B027
+        pass
+
+    def after_chunk(self, chunk: Chunk) -> None:  # noqa: B027
+        pass
+
+
+def drive(
+    replayer: Replayer,
+    chunks: Iterable[Chunk],
+    observers: Iterable[Any] = (),
+    on_chunk: Callable[[Chunk], None] | None = None,
+) -> ReplayStats:
+    """:meth:`Replayer.run` with hooks: each observer's ``before_chunk`` and
+    ``after_chunk`` (when it has them) run right around the chunk's feed, so
+    the engine state they see is that of the chunk's start and end."""
+    obs = list(observers)
+    before = [o.before_chunk for o in obs if hasattr(o, "before_chunk")]
+    after = [o.after_chunk for o in obs if hasattr(o, "after_chunk")]
+    it = iter(chunks)
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
+        for b in before:
+            b(cur)
+        replayer.feed(cur, following)
+        for a in after:
+            a(cur)
+        if on_chunk is not None:
+            on_chunk(cur)
+        cur = nxt
+    return replayer.stats
