@@ -199,8 +199,8 @@ def _check(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from .analysis.golden import compare, expectation
     from .errors import UsageError
-    from .golden import compare, expectation
 
     stored: dict[str, Any] = {}
     if args.expect.exists():

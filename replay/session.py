@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .analysis.timeline import Timeline
 from .driver.replayer import ReplayStats
 from .errors import UsageError
 from .paths import BuildPaths, side_paths
 from .shadow.config import engine_config
 from .shadow.engine import ShadowEngine
 from .shadow.types import Fact
-from .timeline import Timeline
 
 #: --watch-console's default: the seed module's printk.
 DEFAULT_CONSOLE_REGEX = r"The address allocated is ([0-9a-f]+)"
@@ -132,11 +132,11 @@ def replay(
         ``on_fault`` / ``on_marker`` hooks, say).
     """
     from . import results
-    from .checks import Checker
+    from .analysis.checks.checker import Checker
+    from .analysis.lifetimes import ShadowLifetimes
     from .driver.hub import FactHub, drive
     from .driver.replayer import Replayer
     from .report import replay_progress
-    from .timeline import ShadowLifetimes
     from .trace.reader import TraceReader
 
     watch = list(opts.watch)

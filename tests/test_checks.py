@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from replay.checks import Checker, Finding, check_file
+from replay.analysis.checks.checker import Checker, check_file
+from replay.analysis.checks.findings import Finding
+from replay.analysis.secure import FrameSpec, RootSpec, VaSpec, parse_spec
 from replay.driver.replayer import Replayer
 from replay.errors import UsageError
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, GuestMemory, cr3_root, va_index
-from replay.secure import FrameSpec, RootSpec, VaSpec, parse_spec
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine
 from replay.shadow.types import Fact

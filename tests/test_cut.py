@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from replay.checks import Checker, Finding, check_file
+from replay.analysis.checks.checker import Checker, check_file
+from replay.analysis.checks.findings import Finding
+from replay.analysis.secure import parse_specs
 from replay.driver.replayer import replay_file
 from replay.guest.memory import cr3_root
-from replay.secure import parse_specs
 from replay.trace import format as fmt
 from replay.trace.cut import cut_trace
 from replay.trace.reader import read_all

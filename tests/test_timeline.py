@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from replay.analysis.episodes import LEVELS
+from replay.analysis.lifetimes import ShadowLifetimes
+from replay.analysis.timeline import Timeline
 from replay.driver.hub import FactHub, drive
 from replay.driver.replayer import Replayer
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, va_index
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine
-from replay.timeline import LEVELS, ShadowLifetimes, Timeline
 from replay.trace import format as fmt
 from replay.trace.reader import TraceReader
 from replay.trace.writer import TraceWriter

@@ -30,24 +30,20 @@ present shadow entry) plus the caps ``max_episodes`` / ``max_guest_events``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from .driver.hub import ChunkObserver
-from .guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS, cr3_root
-from .shadow.engine import ShadowEngine
-from .shadow.types import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, ShadowType
-from .trace import format as fmt
-from .trace.reader import Chunk
+from ..driver.hub import ChunkObserver
+from ..guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS, cr3_root
+from ..shadow.engine import ShadowEngine
+from ..shadow.types import FL1, L1, L4, SH_ADDR, SH_FL1, SH_P, Fact, ShadowType
+from ..trace import format as fmt
+from ..trace.reader import Chunk
+from .episodes import TYPE_NAMES, Birth, GuestEvent, LevelRecord, PathEpisode, VaTimeline
 
 Key = tuple[int, ShadowType]
 
-#: Type names as they appear in records (``fl1``, ``l1`` .. ``l4``).
-TYPE_NAMES: dict[int, str] = {0: "fl1", 1: "l1", 2: "l2", 3: "l3", 4: "l4"}
-#: The eight rows of a path, top down.
-LEVELS: tuple[str, ...] = ("L4", "L4e", "L3", "L3e", "L2", "L2e", "L1", "L1e")
 
 _ACCESS_MAX = int(fmt.Kind.FETCH)
 _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
@@ -77,177 +73,6 @@ def _target(entry: int) -> int:
     """What a shadow entry points at (frame and FL1 bit): equal targets mean
     the same child / mapped frame, whatever the flags."""
     return entry & (SH_ADDR | SH_FL1)
-
-
-class Birth(NamedTuple):
-    """When and why a shadow or a shadow entry came to exist."""
-
-    event: int
-    reason: str
-    vcpu: int
-    cr3: int | None
-    pc: int
-    #: The va column of the event (the faulting access, the store ...).
-    va: int
-    #: The entry's value when it appeared (0 for a shadow).
-    value: int
-    #: The kind of that event (``read``, ``write``, ``fetch``, ``table_write``,
-    #: ``cr3_write`` ...; "" when the event was not in the chunk at hand).
-    access: str = ""
-
-
-@dataclass(eq=False)
-class LevelRecord:
-    """One level of a shadow path as one root saw it."""
-
-    level: str
-    frame: int
-    type: str
-    #: Entry index (entry rows), None for shadow rows.
-    index: int | None
-    birth: Birth
-    #: Already built from another root: it existed before this root's L4
-    #: entry linked the path, or was built while the guest ran another root.
-    shared: bool = False
-    #: (event, reason) when it went away.
-    destroyed: tuple[int, str] | None = None
-    #: Later changes of an entry's flags: (event, reason, value), bounded.
-    changes: list[tuple[int, str, int]] = field(default_factory=list)
-    episode: PathEpisode | None = field(default=None, repr=False)
-
-
-@dataclass(eq=False)
-class PathEpisode:
-    """A complete shadow path for a watched VA under one root."""
-
-    va: int
-    root: int
-    #: The event that completed the path, its vCPU and that vCPU's CR3.
-    complete_event: int
-    vcpu: int
-    cr3: int | None
-    levels: list[LevelRecord]
-    #: (event, reason, level) of the first level that went away.
-    ended: tuple[int, str, str] | None = None
-
-    def row(self, level: str) -> LevelRecord:
-        return self.levels[LEVELS.index(level)]
-
-
-@dataclass
-class GuestEvent:
-    """A guest-side event of a watched page."""
-
-    event: int
-    kind: str
-    vcpu: int
-    cr3: int | None
-    pc: int
-    va: int
-    pa: int
-    val: int = 0
-    #: For table writes: the level (4..1) of the guest table written.
-    level: int | None = None
-    #: What the engine did at this event (facts, summarised), bounded.
-    effects: list[str] = field(default_factory=list)
-
-
-@dataclass
-class VaTimeline:
-    """Everything recorded for one watched VA."""
-
-    va: int
-    episodes: list[PathEpisode] = field(default_factory=list)
-    episodes_dropped: int = 0
-    first_access: GuestEvent | None = None
-    first_write: GuestEvent | None = None
-    accesses: int = 0
-    table_writes: list[GuestEvent] = field(default_factory=list)
-    table_writes_total: int = 0
-
-    @property
-    def page(self) -> int:
-        return self.va >> PAGE_SHIFT
-
-    def answer(self) -> dict[str, Any]:
-        """When the leaf of this VA was first built, relative to its first
-        access: ``first-access`` (built by that very event), ``before-first-
-        access`` (prefetch, validation or another root got there first),
-        ``after-first-access`` (the first access did not build it, e.g. an
-        unknown walk), or ``never``."""
-        if not self.episodes:
-            built = None
-        else:
-            built = min((e.row("L1e").birth for e in self.episodes), key=lambda b: b.event)
-        first = self.first_access
-        if built is None:
-            when = "never"
-        elif first is None:
-            when = "no-access"
-        elif built.event == first.event:
-            when = "first-access"
-        elif built.event < first.event:
-            when = "before-first-access"
-        else:
-            when = "after-first-access"
-        return {
-            "when": when,
-            "leaf_event": None if built is None else built.event,
-            "leaf_reason": None if built is None else built.reason,
-            "leaf_pc": None if built is None else built.pc,
-            "first_access_event": None if first is None else first.event,
-        }
-
-
-@dataclass
-class Lifetime:
-    frame: int
-    type: str
-    created: int
-    created_reason: str
-    destroyed: int | None = None
-    destroyed_reason: str | None = None
-
-
-class ShadowLifetimes:
-    """Every shadow's life (created / destroyed event and reason), bounded:
-    after ``max_rows`` finished lives only ``dropped`` counts."""
-
-    def __init__(self, max_rows: int = 1_000_000) -> None:
-        self.max_rows = max_rows
-        self.rows: list[Lifetime] = []
-        self.dropped = 0
-        self._live: dict[tuple[int, int], tuple[int, str]] = {}
-
-    def __call__(self, f: Fact) -> None:
-        kind = f.kind
-        if kind == "created":
-            self._live[(f.frame, f.type)] = (f.event, f.reason)
-        elif kind == "destroyed":
-            born = self._live.pop((f.frame, f.type), None)
-            self._end(f.frame, f.type, born, f.event, f.reason)
-        elif kind == "reset":
-            for (frame, stype), born in self._live.items():
-                self._end(frame, stype, born, f.event, "window")
-            self._live.clear()
-
-    def _end(self, frame: int, stype: int, born: tuple[int, str] | None, event: int,
-             reason: str) -> None:
-        if len(self.rows) >= self.max_rows:
-            self.dropped += 1
-            return
-        ev, why = born if born is not None else (-1, "unknown")
-        self.rows.append(Lifetime(frame, TYPE_NAMES[stype], ev, why, event, reason))
-
-    def all_rows(self) -> list[Lifetime]:
-        """Finished lives, then the shadows still alive (destroyed None)."""
-        live = [Lifetime(fr, TYPE_NAMES[t], ev, why) for (fr, t), (ev, why) in self._live.items()]
-        room = max(0, self.max_rows - len(self.rows))
-        return self.rows + live[:room]
-
-    @property
-    def truncated(self) -> bool:
-        return self.dropped > 0 or len(self._live) + len(self.rows) > self.max_rows
 
 
 class Timeline(ChunkObserver):
@@ -597,16 +422,3 @@ class Timeline(ChunkObserver):
         self._born.clear()
         self._entry_born.clear()
         self._open.clear()
-
-
-__all__ = [
-    "Birth",
-    "GuestEvent",
-    "LEVELS",
-    "LevelRecord",
-    "Lifetime",
-    "PathEpisode",
-    "ShadowLifetimes",
-    "Timeline",
-    "VaTimeline",
-]

@@ -38,9 +38,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from .errors import UsageError
-from .guest.memory import PAGE_SHIFT, cr3_root
-from .trace import format as fmt
+from ..errors import UsageError
+from ..guest.memory import PAGE_SHIFT, cr3_root
+from ..trace import format as fmt
 
 #: A VA whose frame cannot be found at its anchor is retried at later
 #: accesses to the same page (see :class:`PendingVa`).
