@@ -129,7 +129,7 @@ def _capture(args: argparse.Namespace) -> int:
     from qmp_tools.capture import CaptureOptions, capture
     from qmp_tools.errors import GuestError
 
-    from .report import print_capture_summary, progress_printer
+    from .report.console import print_capture_summary, progress_printer
 
     out = args.out or Path("traces") / f"{args.scenario}.trace"
     opts = CaptureOptions(
@@ -152,7 +152,7 @@ def _capture(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from qmp_tools.capture import summarise
 
-    from .report import print_json
+    from .report.console import print_json
     from .trace.reader import TraceReader
 
     with TraceReader(args.trace, allow_truncated=args.allow_truncated) as reader:
@@ -180,7 +180,7 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from .report import print_replay_summary
+    from .report.console import print_replay_summary
     from .session import replay
 
     print_replay_summary(replay(_options(args)).doc)
@@ -268,7 +268,7 @@ def _xen(args: argparse.Namespace) -> int:
     from qmp_tools.xen import run_xen
 
     from .errors import UsageError
-    from .report import print_xen_summary, progress_printer
+    from .report.console import print_xen_summary, progress_printer
     from .xen.summary import build_table, summary_doc, write_parquet
 
     if not 1 <= args.vcpus <= 1:
@@ -307,8 +307,8 @@ def _xen(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     """``shadowtrace compare``: see replay.xen.compare."""
-    from . import results
-    from .report import print_compare
+    from .report import results
+    from .report.console import print_compare
     from .xen.compare import compare
 
     doc = compare(args.trace, args.xen, watch_console=args.watch_console, config=args.config)
@@ -321,7 +321,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     """``shadowtrace plot``: see replay.plot."""
     from .errors import UsageError
-    from .plot import draw, series_for
+    from .report.plot import draw, series_for
 
     try:
         width, height = (float(x) for x in args.size.lower().split("x"))

@@ -131,12 +131,14 @@ def replay(
     :param attach: called with the engine before the first event (to set its
         ``on_fault`` / ``on_marker`` hooks, say).
     """
-    from . import results
     from .analysis.checks.checker import Checker
+    from .analysis.events import EventTable
     from .analysis.lifetimes import ShadowLifetimes
     from .driver.hub import FactHub, drive
     from .driver.replayer import Replayer
-    from .report import replay_progress
+    from .report import results
+    from .report.console import replay_progress
+    from .report.parquet import write_parquet
     from .trace.reader import TraceReader
 
     watch = list(opts.watch)
@@ -161,7 +163,7 @@ def replay(
             observers.append(timeline)
         events = None
         if opts.parquet is not None:
-            events = results.EventTable(watched=timeline.watched_pages)
+            events = EventTable(watched=timeline.watched_pages)
             hub.add(events)
             observers.append(events)
         console = None
@@ -190,5 +192,5 @@ def replay(
     if opts.json is not None:
         results.write_json(opts.json, doc)
     if opts.parquet is not None:
-        results.write_parquet(opts.parquet, events, lifetimes, namer)
+        write_parquet(opts.parquet, events, lifetimes, namer)
     return Replay(doc, engine, timeline, stats, namer)

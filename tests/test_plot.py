@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from replay.driver.replayer import replay_file
-from replay.plot import Series, draw, series_for
+from replay.report.plot import Series, draw, series_for
 from replay.trace import format as fmt
 from replay.trace.reader import read_all
 

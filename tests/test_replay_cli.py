@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.results import SCHEMA, TOP_KEYS
+from replay.report.results import SCHEMA, TOP_KEYS
 
 from .conftest import run_cli
 from .test_timeline import VA, seed_trace

@@ -1,15 +1,10 @@
-"""Replay results as data: one JSON document, and Parquet tables via polars.
+"""Replay results as data: one JSON document (Parquet: :mod:`replay.report.parquet`).
 
 The JSON schema is documented in ``docs/replay.md`` and versioned by
 :data:`SCHEMA`; its top-level keys are :data:`TOP_KEYS`, always all present
 (``null`` when not applicable). Addresses, frames, PCs, CR3 and entry values
 are ``"0x..."`` strings (kernel addresses do not fit a JSON double); event
 indexes and counts are integers.
-
-Parquet (``--parquet DIR``): ``events.parquet`` (the events of interest:
-every non-access event, every access at which the engine did something, and
-every access to a watched page; at most ``max_rows``) and
-``shadows.parquet`` (one row per shadow life).
 """
 
 from __future__ import annotations
@@ -19,17 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .analysis.episodes import LEVELS, GuestEvent, LevelRecord, PathEpisode, VaTimeline
-from .analysis.events import EventTable
-from .analysis.lifetimes import ShadowLifetimes
-from .analysis.timeline import Timeline
-from .driver.replayer import ReplayStats
-from .errors import UsageError
-from .shadow.config import EngineConfig
-from .shadow.engine import ShadowEngine
-from .trace import format as fmt
+from ..analysis.episodes import LEVELS, GuestEvent, LevelRecord, PathEpisode, VaTimeline
+from ..analysis.timeline import Timeline
+from ..driver.replayer import ReplayStats
+from ..errors import UsageError
+from ..shadow.config import EngineConfig
+from ..shadow.engine import ShadowEngine
 
 #: Version of the JSON document's layout (bump on any incompatible change).
 SCHEMA = "shadowtrace.replay/1"
@@ -251,66 +241,7 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
         raise UsageError(f"{p}: cannot write: {err.strerror}") from err
 
 
-# ---------------------------------------------------------------------------
-# Parquet
-# ---------------------------------------------------------------------------
-def write_parquet(
-    folder: str | Path,
-    events: EventTable | None,
-    lifetimes: ShadowLifetimes,
-    namer: Namer | None = None,
-) -> list[Path]:
-    """Write ``events.parquet`` and ``shadows.parquet`` into ``folder``."""
-    import polars as pl
-
-    d = Path(folder)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{d}: cannot create: {err.strerror}") from err
-    written = []
-    if events is not None:
-        cols = events.columns()
-        kinds = {int(k): k.name for k in fmt.Kind}
-        pcs, inverse = np.unique(cols["pc"], return_inverse=True)
-        names = [_sym(namer, int(pc)) for pc in pcs.tolist()]
-        symbol = [names[i] for i in inverse.ravel().tolist()]
-        df = pl.DataFrame({
-            "index": pl.Series(cols["index"], dtype=pl.UInt64),
-            "kind": pl.Series([kinds[k] for k in cols["kind"].tolist()], dtype=pl.Utf8),
-            "vcpu": pl.Series(cols["vcpu"], dtype=pl.UInt8),
-            "info": pl.Series(cols["info"], dtype=pl.UInt8),
-            "va": pl.Series(cols["va"], dtype=pl.UInt64),
-            "pa": pl.Series(cols["pa"], dtype=pl.UInt64),
-            "pc": pl.Series(cols["pc"], dtype=pl.UInt64),
-            "val": pl.Series(cols["val"], dtype=pl.UInt64),
-            "faulted": pl.Series(cols["faulted"], dtype=pl.Boolean),
-            "symbol": pl.Series(symbol, dtype=pl.Utf8),
-        })
-        written.append(_write(df, d / "events.parquet"))
-    rows = lifetimes.all_rows()
-    sdf = pl.DataFrame({
-        "frame": pl.Series([r.frame for r in rows], dtype=pl.UInt64),
-        "type": pl.Series([r.type for r in rows], dtype=pl.Utf8),
-        "created": pl.Series([r.created for r in rows], dtype=pl.Int64),
-        "created_reason": pl.Series([r.created_reason for r in rows], dtype=pl.Utf8),
-        "destroyed": pl.Series([r.destroyed for r in rows], dtype=pl.Int64),
-        "destroyed_reason": pl.Series([r.destroyed_reason for r in rows], dtype=pl.Utf8),
-    })
-    written.append(_write(sdf, d / "shadows.parquet"))
-    return written
-
-
-def _write(df: Any, path: Path) -> Path:
-    try:
-        df.write_parquet(path)
-    except OSError as err:
-        raise UsageError(f"{path}: cannot write: {err.strerror}") from err
-    return path
-
-
 __all__ = [
-    "EventTable",
     "LEVELS",
     "SCHEMA",
     "TOP_KEYS",
@@ -319,5 +250,4 @@ __all__ = [
     "hx",
     "timeline_json",
     "write_json",
-    "write_parquet",
 ]

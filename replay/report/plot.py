@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .driver.replayer import Replayer
-from .shadow.config import engine_config
-from .shadow.engine import ShadowEngine
-from .shadow.types import Fact, ShadowType
-from .trace import format as fmt
-from .trace.reader import TraceReader
+from ..driver.replayer import Replayer
+from ..shadow.config import engine_config
+from ..shadow.engine import ShadowEngine
+from ..shadow.types import Fact, ShadowType
+from ..trace import format as fmt
+from ..trace.reader import TraceReader
 
 #: Marker names drawn as vertical lines.
 LINE_MARKERS = (fmt.MARKER_START, fmt.MARKER_STOP, fmt.MARKER_SECURE_FRAME,
