@@ -187,29 +187,22 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Replay options an expectation file keeps, with their defaults.
-CHECK_OPTIONS: dict[str, Any] = {
-    "config": None, "watch": [], "watch_console": None, "secure": [], "policy": False,
-    "no_dedup": False,
-}
-
-
 def _check(args: argparse.Namespace) -> int:
     """Replay TRACE with the options stored in FILE and compare the results."""
-    import json
     import os
 
-    from .analysis.golden import compare, expectation
+    from .analysis.golden import (
+        CHECK_OPTIONS,
+        compare,
+        observed,
+        read_expectation,
+        write_expectation,
+    )
     from .errors import UsageError
+    from .session import check_options, replay
 
-    stored: dict[str, Any] = {}
     if args.expect.exists():
-        try:
-            stored = json.loads(args.expect.read_text())
-            options = stored["options"]
-            expected = stored["expected"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"{args.expect}: not an expectation file ({err})") from None
+        options, expected = read_expectation(args.expect)
     elif not args.update:
         raise UsageError(f"{args.expect}: no such file (use --update to write it)")
     else:
@@ -220,22 +213,9 @@ def _check(args: argparse.Namespace) -> int:
             if args.config else None
         )
         expected = None
-    from .session import ReplayOptions, parse_va, replay
-
-    stored_opts = {k: options.get(k, default) for k, default in CHECK_OPTIONS.items()}
-    config = stored_opts["config"]
-    opts = ReplayOptions(
-        trace=args.trace,
-        config=None if config is None else args.expect.parent / config,
-        watch=[parse_va(v) for v in stored_opts["watch"]],
-        watch_console=stored_opts["watch_console"], no_dedup=stored_opts["no_dedup"],
-        secure=list(stored_opts["secure"]), policy=stored_opts["policy"],
-    )
-    got = json.loads(json.dumps(expectation(replay(opts).doc), default=str))
+    got = observed(replay(check_options(args.trace, args.expect, options)).doc)
     if args.update:
-        args.expect.write_text(
-            json.dumps({"options": options, "expected": got}, indent=1, sort_keys=True) + "\n"
-        )
+        write_expectation(args.expect, options, got)
         print(f"{args.expect}: expectations written")
         return 0
     diff = compare(expected, got)

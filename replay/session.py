@@ -64,6 +64,23 @@ def parse_va(text: str, option: str = "--watch") -> int:
     return va
 
 
+def check_options(trace: Path, expect: Path, options: dict[str, Any]) -> ReplayOptions:
+    """The replay of ``trace`` an expectation file ``expect`` asks for, from
+    its stored ``options`` (``shadowtrace check``; the config path is relative
+    to the file)."""
+    from .analysis.golden import stored_options
+
+    stored = stored_options(options)
+    config = stored["config"]
+    return ReplayOptions(
+        trace=trace,
+        config=None if config is None else expect.parent / config,
+        watch=[parse_va(v) for v in stored["watch"]],
+        watch_console=stored["watch_console"], no_dedup=stored["no_dedup"],
+        secure=list(stored["secure"]), policy=stored["policy"],
+    )
+
+
 def console_vas(text: str, regex: str, where: str) -> list[int]:
     """Group 1 of every match of ``regex`` in a console text, as VAs, first seen first."""
     try:

@@ -5,11 +5,54 @@ every counter, shadows by type, the C7 count, findings by check and
 severity (C6 also by hazard kind), and for each watched VA the answer and
 the event and reason of each level of its first shadow path. ``compare`` lists the differences as
 readable lines (``counters.shadow_fault: expected 120, got 121``).
+
+An expectation file (``traces/*.expected.json``, ``shadowtrace check
+--expect FILE``) holds the replay ``options`` it was made with
+(:data:`CHECK_OPTIONS`; a config path relative to the file) and the
+``expected`` part: :func:`read_expectation`, :func:`write_expectation`,
+:func:`observed` (what a results document gives, as stored).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from ..errors import UsageError
+
+#: Replay options an expectation file keeps, with their defaults.
+CHECK_OPTIONS: dict[str, Any] = {
+    "config": None, "watch": [], "watch_console": None, "secure": [], "policy": False,
+    "no_dedup": False,
+}
+
+
+def read_expectation(path: Path) -> tuple[dict[str, Any], Any]:
+    """The (options, expected) of an expectation file."""
+    try:
+        stored = json.loads(path.read_text())
+        options = stored["options"]
+        expected = stored["expected"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: not an expectation file ({err})") from None
+    return options, expected
+
+
+def stored_options(options: dict[str, Any]) -> dict[str, Any]:
+    """An expectation file's options, every one of :data:`CHECK_OPTIONS` (defaults filled)."""
+    return {k: options.get(k, default) for k, default in CHECK_OPTIONS.items()}
+
+
+def observed(doc: dict[str, Any]) -> Any:
+    """The expectation of results ``doc`` as a file stores it (JSON values only)."""
+    return json.loads(json.dumps(expectation(doc), default=str))
+
+
+def write_expectation(path: Path, options: dict[str, Any], got: Any) -> None:
+    path.write_text(
+        json.dumps({"options": options, "expected": got}, indent=1, sort_keys=True) + "\n"
+    )
 
 
 def expectation(doc: dict[str, Any]) -> dict[str, Any]:
