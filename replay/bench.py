@@ -1,8 +1,8 @@
 """Replay benchmark: ``python -m replay.bench`` (``make bench-replay``).
 
 Writes a synthetic trace of 10 million accesses in the real format, built
-in bulk with numpy (chunk maps encoded with :mod:`replay.columns`, exactly
-as :class:`~replay.writer.TraceWriter` writes them), then measures, in one
+in bulk with numpy (chunk maps encoded with :mod:`replay.trace.columns`, exactly
+as :class:`~replay.trace.writer.TraceWriter` writes them), then measures, in one
 run:
 
 * decode rate: events/s reading every chunk with :class:`TraceReader`;

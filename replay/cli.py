@@ -229,7 +229,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _cut(args: argparse.Namespace) -> int:
-    """``shadowtrace cut``: see replay.cut."""
+    """``shadowtrace cut``: see replay.trace.cut."""
     from .trace.cut import cut_trace, parse_events
 
     events = parse_events(args.events) if args.events is not None else None
@@ -299,7 +299,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    """``shadowtrace plot``: see replay.plot."""
+    """``shadowtrace plot``: see replay.report.plot."""
     from .errors import UsageError
     from .report.plot import draw, series_for
 

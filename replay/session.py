@@ -196,7 +196,7 @@ def replay(
             stats = drive(replayer, reader, observers,
                           on_chunk=lambda c: progress(reader, c))
         footer, truncated = reader.footer, reader.truncated
-    # ---- findings: the secure-page checks (replay.checks) report here ----
+    # ---- findings: the secure-page checks (replay.analysis.checks) report here ----
     checker.finish(stats)  # C7 comes from the replayer's cross-check
     findings = list(checker.findings)
     duration = time.monotonic() - start

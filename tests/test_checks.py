@@ -558,7 +558,7 @@ def test_root_marker_strips_pcid(tmp_path: Path) -> None:
 
 
 class FactHub:
-    """A fact fan-out like the CLI's (replay.timeline.FactHub)."""
+    """A fact fan-out like the CLI's (replay.driver.hub.FactHub)."""
 
     def __init__(self) -> None:
         self.sinks: list[Any] = []

@@ -1,4 +1,4 @@
-"""Guest table memory and the 4-level walker (replay.guest).
+"""Guest table memory and the 4-level walker (replay.guest.memory).
 
 Also home of :class:`GuestTables`, the small builder of guest page tables
 the engine and replayer tests share: it lays out table frames as bytes and

@@ -1,6 +1,6 @@
 """The replayer: canonical dedup, chunk boundaries, the C7 cross-check.
 
-Traces are written with :class:`~replay.writer.TraceWriter` and read back,
+Traces are written with :class:`~replay.trace.writer.TraceWriter` and read back,
 so the whole path (columns, pages blob, markers) is exercised.
 """
 

@@ -1,4 +1,4 @@
-"""Per-VA shadow timelines (replay.timeline) on a seed-like synthetic trace.
+"""Per-VA shadow timelines (replay.analysis.timeline) on a seed-like synthetic trace.
 
 The trace mimics the seed module under one kernel: a page in the direct map
 (4 KiB leaf), its neighbour, and a page inside a 2 MiB direct-map superpage;

@@ -23,7 +23,7 @@ class EventTable:
     Kept: every non-access event, every access at which the engine produced
     a fact (a shadow fault that did something), every access to a watched
     page. At most ``max_rows`` rows; ``truncated`` tells when more were
-    left out. Plug it as a fact sink and as a :func:`~replay.timeline.drive`
+    left out. Plug it as a fact sink and as a :func:`~replay.driver.hub.drive`
     observer.
     """
 

@@ -56,7 +56,7 @@ def write_expectation(path: Path, options: dict[str, Any], got: Any) -> None:
 
 
 def expectation(doc: dict[str, Any]) -> dict[str, Any]:
-    """The part of a results document (replay/results.py) kept as golden."""
+    """The part of a results document (replay/report/results.py) kept as golden."""
     findings: dict[str, int] = {}
     for f in doc.get("findings") or []:
         key = f"{f['check']}/{f['severity']}"

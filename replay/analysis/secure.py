@@ -23,7 +23,7 @@ Two sources feed it:
   0 (``va``/``console`` ones when resolved); like marker registrations they
   end at the first ``secure-end`` marker after they were made.
 
-* **Markers** in the trace (:mod:`replay.format`): ``secure-frame PA [N]``,
+* **Markers** in the trace (:mod:`replay.trace.format`): ``secure-frame PA [N]``,
   ``secure-root CR3``, ``secure-va VA [N]``, ``secure-end`` (hex numbers,
   ``0x`` optional); see :meth:`SecureRegistry.marker`.
 

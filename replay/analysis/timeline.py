@@ -1,9 +1,9 @@
 """Per-VA shadow timelines: when each level of a VA's shadow path came to be.
 
-A consumer of the engine's :class:`~replay.engine.Fact` stream (pass a
+A consumer of the engine's :class:`~replay.shadow.types.Fact` stream (pass a
 :class:`FactHub` as the engine's ``on_fact``) and of the chunks themselves
 (:func:`drive` calls ``before_chunk`` / ``after_chunk`` around each
-:meth:`Replayer.feed <replay.replayer.Replayer.feed>`). Pure data: nothing
+:meth:`Replayer.feed <replay.driver.replayer.Replayer.feed>`). Pure data: nothing
 here prints.
 
 For a watched VA and every shadow root (L4 shadow) whose path to it becomes

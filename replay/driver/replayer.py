@@ -1,8 +1,8 @@
 """Drive a trace through the guest model and the shadow engine.
 
-:class:`Replayer` takes chunks (from :class:`~replay.reader.TraceReader` or
-any iterable of :class:`~replay.reader.Chunk`) and feeds their events, in
-order, to a :class:`~replay.engine.ShadowEngine`. Before the per-event loop
+:class:`Replayer` takes chunks (from :class:`~replay.trace.reader.TraceReader` or
+any iterable of :class:`~replay.trace.reader.Chunk`) and feeds their events, in
+order, to a :class:`~replay.shadow.engine.ShadowEngine`. Before the per-event loop
 each chunk is filtered with numpy:
 
 **Canonical dedup.** The capture plugin may drop an access when the same
@@ -194,7 +194,7 @@ class Replayer(FastPath):
     def run(self, chunks: Iterable[Chunk]) -> ReplayStats:
         """Replay every chunk (with one chunk of look-ahead). A
         :class:`TraceReader` decodes the next chunks in a background thread
-        meanwhile (:class:`~replay.reader.Prefetch`)."""
+        meanwhile (:class:`~replay.trace.prefetch.Prefetch`)."""
         if isinstance(chunks, TraceReader):
             with Prefetch(chunks) as ahead:
                 self._run(ahead)

@@ -17,7 +17,7 @@ The behaviour follows ``shared/SHADOW-SEMANTICS.md`` (a summary of
   flags below and NX in bit 63; :data:`SH_FL1` marks an L2 entry whose child
   is an FL1 shadow. Magic not-present entries (:data:`SH_GNP`,
   :data:`SH_MMIO`) stand for Xen's reserved-bit "magic" L1 entries.
-* The guest tables come from :class:`~replay.guest.GuestMemory`, which the
+* The guest tables come from :class:`~replay.guest.memory.GuestMemory`, which the
   engine owns (SNAPSHOT, TABLE_WRITE and WINDOW_OPEN update it).
 
 Simplifications (documented, deliberate): guest frame == machine frame (no
@@ -76,7 +76,7 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
         page: bytes | None = None,
         marker: list[str] | None = None,
     ) -> None:
-        """Apply one trace event (columns as in :mod:`replay.format`).
+        """Apply one trace event (columns as in :mod:`replay.trace.format`).
 
         ``page`` is the snapshot of a SNAPSHOT event, ``marker`` the marker
         of a MARKER event.

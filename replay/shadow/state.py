@@ -71,7 +71,7 @@ class EngineState:
         self.refuse_leaf: Callable[[int, int, Fetch], bool] | None = None
         #: Observer hook the Replayer calls after each event it feeds, as
         #: ``after_event(index, kind, vcpu, info, va, pa, val, marker)``
-        #: (marker: the MARKER's [name, args...], else None); replay.checks.
+        #: (marker: the MARKER's [name, args...], else None); replay.analysis.checks.
         self.after_event: EventHook | None = None
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.facts: list[Fact] = []

@@ -1,4 +1,4 @@
-"""Column codecs of the trace format (see ``replay.format``): numpy in bulk."""
+"""Column codecs of the trace format (see ``replay.trace.format``): numpy in bulk."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``shadowtrace cut``: a smaller, valid trace of a range of events.
 
-The output is a trace of the format in :mod:`replay.format` (the same header,
+The output is a trace of the format in :mod:`replay.trace.format` (the same header,
 with ``options["cut"] = "FROM:TO"``) laid out as::
 
     [state prefix]   WINDOW_OPEN, CR3_CURRENT per vCPU, SNAPSHOT per known frame
@@ -17,7 +17,7 @@ is named by its name (``start``) or its full text (``secure-root 0x6064000``).
 **State prefix.** Only written when a capture window is open at FROM (or the
 trace has no window events and something is known): then the guest model is
 not empty and the cut must say what it knows. It is the model's knowledge at
-FROM, rebuilt by a :class:`~replay.guest.GuestMemory` that replayed the
+FROM, rebuilt by a :class:`~replay.guest.memory.GuestMemory` that replayed the
 SNAPSHOT, TABLE_WRITE and WINDOW_OPEN events before FROM: **every known
 frame** is snapshotted (not only the frames reachable from the current
 roots: a frame known but unlinked at FROM may be linked, or loaded into CR3,

@@ -1,10 +1,10 @@
 """Secure-page leak checks C1-C8 (``shared/LEAK-CHECKS.md``) over a replay.
 
-A :class:`Checker` watches a :class:`~replay.replayer.Replayer` run: the
+A :class:`Checker` watches a :class:`~replay.driver.replayer.Replayer` run: the
 events that reach the engine (``ShadowEngine.after_event``, which the
 replayer calls), the engine's facts (``ShadowEngine.on_fact``), its hazards,
 and the guest table model. It keeps
-the secure specification (:class:`~replay.secure.SecureRegistry`) up to date
+the secure specification (:class:`~replay.analysis.secure.SecureRegistry`) up to date
 from spec strings and trace markers, and produces :class:`Finding` records::
 
     engine = ShadowEngine(config)
@@ -67,7 +67,7 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
     """Runs the leak checks over one replay (see the module docstring).
 
     :param engine: the engine to watch (or attach later with :meth:`attach`).
-    :param specs: parsed secure specs (:func:`replay.secure.parse_specs`).
+    :param specs: parsed secure specs (:func:`replay.analysis.secure.parse_specs`).
     :param secure: spec strings, parsed here (with ``console`` for
         ``console:`` specs); markers in the trace add to both.
     :param policy: policy mode: refuse propagating a leaf of a frame in S
