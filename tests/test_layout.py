@@ -43,6 +43,22 @@ LAZY_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 
+#: The packages from the top down, as docs/architecture.md lists them: each
+#: imports only packages on later lines (never its own line).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("replay.cli", "replay.bench", "replay"),
+    ("replay.xen",),
+    ("replay.session",),
+    ("replay.report",),
+    ("replay.analysis",),
+    ("replay.driver",),
+    ("replay.shadow", "qmp_tools"),
+    ("replay.trace",),
+    ("replay.guest",),
+    ("replay.errors", "replay.paths"),
+)
+
+
 @dataclass(frozen=True)
 class Import:
     source: str
@@ -246,6 +262,14 @@ def test_no_import_cycle_between_packages() -> None:
     assert "replay.trace" in graph["qmp_tools"]
     assert "replay.shadow" in graph["replay.driver"]
     assert "replay.driver" not in graph["replay.shadow"]
+
+
+def test_packages_import_downwards() -> None:
+    layer = {name: k for k, names in enumerate(LAYERS) for name in names}
+    graph = package_graph()
+    assert set(graph) == set(layer)  # every package has its place, no other is listed
+    up = [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a]) if layer[b] <= layer[a]]
+    assert up == []
 
 
 def test_replay_needs_qmp_tools_only_where_documented() -> None:
