@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .analysis.timeline import Timeline
 from .driver.replayer import ReplayStats
@@ -22,6 +22,9 @@ from .paths import BuildPaths, side_paths
 from .shadow.config import engine_config
 from .shadow.engine import ShadowEngine
 from .shadow.types import Fact
+
+if TYPE_CHECKING:
+    from .analysis.checks.checker import Checker
 
 #: --watch-console's default: the seed module's printk.
 DEFAULT_CONSOLE_REGEX = r"The address allocated is ([0-9a-f]+)"
@@ -52,6 +55,7 @@ class Replay:
     timeline: Timeline
     stats: ReplayStats
     namer: Callable[[int], str] | None
+    checker: Checker | None = None
 
 
 def parse_va(text: str, option: str = "--watch") -> int:
@@ -141,12 +145,15 @@ def replay(
     *,
     sinks: Iterable[Callable[[Fact], None]] = (),
     attach: Callable[[ShadowEngine], None] | None = None,
+    observers: Iterable[Any] = (),
 ) -> Replay:
     """Replay as the options say; write --json/--parquet; return the results.
 
     :param sinks: more consumers of the engine's facts (after the built-in ones).
     :param attach: called with the engine before the first event (to set its
         ``on_fault`` / ``on_marker`` hooks, say).
+    :param observers: more chunk observers for :func:`~replay.driver.hub.drive`
+        (after the built-in ones).
     """
     from .analysis.checks.checker import Checker
     from .analysis.events import EventTable
@@ -174,15 +181,15 @@ def replay(
         timeline = Timeline(engine, watch)
         lifetimes = ShadowLifetimes()
         hub.add(lifetimes)
-        observers: list[Any] = []
+        chunk_observers: list[Any] = []
         if watch:
             hub.add(timeline)
-            observers.append(timeline)
+            chunk_observers.append(timeline)
         events = None
         if opts.parquet is not None:
             events = EventTable(watched=timeline.watched_pages)
             hub.add(events)
-            observers.append(events)
+            chunk_observers.append(events)
         console = None
         if any(spec.startswith("console:") for spec in opts.secure):
             console = console_text(opts.trace)
@@ -191,9 +198,10 @@ def replay(
         hub.add(checker)
         for sink in sinks:
             hub.add(sink)
+        chunk_observers += observers
         replayer = Replayer(engine, dedup=not opts.no_dedup)
         with replay_progress(opts.trace) as progress:
-            stats = drive(replayer, reader, observers,
+            stats = drive(replayer, reader, chunk_observers,
                           on_chunk=lambda c: progress(reader, c))
         footer, truncated = reader.footer, reader.truncated
     # ---- findings: the secure-page checks (replay.analysis.checks) report here ----
@@ -210,4 +218,4 @@ def replay(
         results.write_json(opts.json, doc)
     if opts.parquet is not None:
         write_parquet(opts.parquet, events, lifetimes, namer)
-    return Replay(doc, engine, timeline, stats, namer)
+    return Replay(doc, engine, timeline, stats, namer, checker)

@@ -1,8 +1,10 @@
-"""Shared fixtures: real captures of the seed scenario (QEMU, plugin, guest).
+"""Shared fixtures: real captures of the seed scenario (QEMU, plugin, guest),
+and the replays of the recorded traces (tests/replays.py).
 
-The captures are made once per test session and shared. ``make test`` builds
+Both are made once per test session and shared. ``make test`` builds
 everything they need first; nothing here skips when a part is missing: a
-missing part is a failing test.
+missing part is a failing test. Tests that boot QEMU are marked ``e2e``
+(``pytest -m 'not e2e'`` is the quick loop).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import pytest
 
 from qmp_tools.xen import XenResult, run_xen
 
+from .replays import Goldens
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -23,6 +27,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="rewrite traces/*.expected.json from this replay (on purpose, never silently)",
     )
+
+
+#: Fixtures that boot QEMU: a test using one must be marked e2e.
+QEMU_FIXTURES = ("captures", "xen_seed", "xen_seed_run")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        boots = [f for f in QEMU_FIXTURES if f in getattr(item, "fixturenames", ())]
+        if boots and item.get_closest_marker("e2e") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} boots QEMU (fixture {boots[0]}) but is not marked e2e"
+            )
 
 
 @dataclass
@@ -73,3 +90,10 @@ def xen_seed_run(tmp_path_factory: pytest.TempPathFactory) -> XenResult:
     """One run of the seed scenario under the real Xen (shadow paging, xentrace),
     shared by every test that needs it: a boot takes about a minute."""
     return run_xen("seed", tmp_path_factory.mktemp("xen-seed"))
+
+
+@pytest.fixture(scope="session")
+def goldens(request: pytest.FixtureRequest) -> Goldens:
+    """Every golden file's replay, made the first time a test asks (see
+    tests/replays.py); ``--update-golden`` rewrites each file from it."""
+    return Goldens(update=bool(request.config.getoption("--update-golden")))

@@ -17,6 +17,8 @@ from replay.trace.reader import TraceReader, read_all
 
 from .conftest import Captured
 
+pytestmark = pytest.mark.e2e
+
 K = fmt.Kind
 #: Events after which the plugin's dedup must record an access again.
 EPOCH_KINDS = [K.CR3_WRITE, K.TABLE_WRITE, K.INVLPG, K.CR4_WRITE, K.INVPCID, K.WINDOW_OPEN]

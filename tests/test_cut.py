@@ -45,6 +45,7 @@ from replay.trace.cut import cut_trace
 from replay.trace.reader import read_all
 
 from .conftest import run_cli
+from .replays import Goldens
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 SEED = TRACES / "seed.trace"
@@ -65,6 +66,16 @@ def checked(path: Path, secure: list[str], console: Path) -> Checker:
     return checker
 
 
+def seed_checker(goldens: Goldens) -> Checker:
+    """The checker of seed.expected.json's replay of the whole seed trace
+    (its options register SEED_SECURE)."""
+    run = goldens("seed")
+    assert run.options["secure"] == SEED_SECURE
+    checker = run.replay.checker
+    assert checker is not None
+    return checker
+
+
 def cut_window(path: Path) -> tuple[int, int, int]:
     """(FROM, TO, base) from a cut's header."""
     opts = read_all(path)[0]["options"]
@@ -76,7 +87,7 @@ def kinds(path: Path) -> np.ndarray[Any, np.dtype[np.uint8]]:
     return np.concatenate([c.kind for c in read_all(path)[1]])
 
 
-def test_cut_start_stop_same_findings(tmp_path: Path) -> None:
+def test_cut_start_stop_same_findings(tmp_path: Path, goldens: Goldens) -> None:
     out = tmp_path / "seed.cut.trace"
     proc = run_cli("cut", str(SEED), "--out", str(out),
                    "--from-marker", "start", "--to-marker", "stop")
@@ -87,7 +98,7 @@ def test_cut_start_stop_same_findings(tmp_path: Path) -> None:
     full_kinds, cut_kinds = kinds(SEED), kinds(out)
     assert len(cut_kinds) < len(full_kinds)
     first, end, base = cut_window(out)
-    src_markers = [m for _, _, m in replay_file(SEED)[1].markers]
+    src_markers = [m for _, _, m in goldens("seed").replay.stats.markers]
     assert src_markers[first] == ["start"] and src_markers[-15] == ["stop"]
     # FROM is before the capture's WINDOW_OPEN: no state prefix, only the
     # carried kernel marker before it; module markers (after stop) follow
@@ -97,7 +108,9 @@ def test_cut_start_stop_same_findings(tmp_path: Path) -> None:
     assert cut_markers[0][0] == "kernel" and cut_markers[1] == ["start"]
     assert [m[0] for m in cut_markers if m[0] == "module"] == ["module"] * 14
 
-    full = checked(SEED, SEED_SECURE, TRACES / "seed.console.log")
+    # the full trace as ``shadowtrace check`` replays it (seed.expected.json
+    # registers SEED_SECURE): the session's shared replay
+    full = seed_checker(goldens)
     cut = checked(out, SEED_SECURE, TRACES / "seed.console.log")
     assert full.findings, "the seed trace has findings to compare"
     # every finding of the full replay lies in the window [start, stop] ...
@@ -114,7 +127,7 @@ def test_cut_start_stop_same_findings(tmp_path: Path) -> None:
             assert e_cut.counters[name] == value, name
 
 
-def test_cut_mid_window(tmp_path: Path) -> None:
+def test_cut_mid_window(tmp_path: Path, goldens: Goldens) -> None:
     first, end = 246000, 400000
     out = tmp_path / "seed.mid.trace"
     res = cut_trace(SEED, out, events=(first, end))
@@ -148,7 +161,7 @@ def test_cut_mid_window(tmp_path: Path) -> None:
 
     # a registration that does not depend on history before FROM (the
     # frame the console VA resolves to in the full replay)
-    full = checked(SEED, SEED_SECURE, TRACES / "seed.console.log")
+    full = seed_checker(goldens)
     frame = full.findings[0].frames[0]
     spec = [f"frame:{frame:#x}"]
     full = checked(SEED, spec, TRACES / "seed.console.log")
@@ -159,10 +172,10 @@ def test_cut_mid_window(tmp_path: Path) -> None:
     assert want <= got
 
 
-def test_cut_carries_live_secure_markers(tmp_path: Path) -> None:
+def test_cut_carries_live_secure_markers(tmp_path: Path, goldens: Goldens) -> None:
     # private-root registers a secure root and frame, then ends them: a cut
     # between registration and secure-end keeps the registration markers
-    src_markers = replay_file(PRIVATE_ROOT)[1].markers
+    src_markers = goldens("private-root").replay.stats.markers
     at = {m[0]: i for i, _, m in src_markers}
     lo, hi = at["secure-frame"] + 1, at["secure-end"]
     out = tmp_path / "pr.cut.trace"

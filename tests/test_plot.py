@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay.driver.replayer import replay_file
 from replay.report.plot import Series, draw, series_for
 from replay.trace import format as fmt
 from replay.trace.reader import read_all
 
 from .conftest import run_cli
+from .replays import Goldens
 
 SEED = Path(__file__).resolve().parent.parent / "traces" / "seed.trace"
 
@@ -23,12 +23,12 @@ def seed_series() -> Series:
     return series_for(SEED, bins=200)
 
 
-def test_series_totals(seed_series: Series) -> None:
+def test_series_totals(seed_series: Series, goldens: Goldens) -> None:
     s = seed_series
     _, chunks, footer = read_all(SEED)
     assert footer is not None
     kinds = np.concatenate([c.kind for c in chunks])
-    engine, _ = replay_file(SEED)
+    engine = goldens("seed").replay.engine  # seed replayed as `shadowtrace check` does
     assert s.events == len(kinds) == footer["events"]
     assert s.bins == 200 and s.edges[0] == 0 and s.edges[-1] == s.events
     assert len(s.faults) == len(s.prefetches) == len(s.cr3_writes) == len(s.live) == s.bins

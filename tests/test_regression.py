@@ -1,7 +1,11 @@
 """Regression: every recorded trace in traces/ replays to its expectations.
 
+Each golden file is replayed once per session, in-process and exactly as
+``shadowtrace check`` does (the ``goldens`` fixture, tests/replays.py);
 ``pytest --update-golden`` rewrites the expectation files on purpose; a
-normal run only compares and fails with the differences.
+normal run only compares and fails with the differences. What the results
+must show (the seed answer, C3 on private-root ...) is in
+tests/test_golden_invariants.py.
 """
 
 from __future__ import annotations
@@ -11,19 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from qmp_tools.paths import TOP
+from replay.analysis.golden import compare
 
-from .conftest import run_cli
-
-TRACES = TOP / "traces"
-EXPECTED = sorted(TRACES.glob("*.expected.json"))
-#: traces/variants/TRACE+CONFIG.expected.json: TRACE replayed with
-#: traces/configs/CONFIG.toml (the file's options name it).
-VARIANTS = sorted((TRACES / "variants").glob("*.expected.json"))
-
-
-def expected(name: str) -> dict:
-    return json.loads((TRACES / f"{name}.expected.json").read_text())["expected"]
+from .replays import EXPECTED, TRACES, VARIANTS, Goldens, golden_name, trace_of
 
 
 def test_every_trace_has_expectations() -> None:
@@ -35,226 +29,18 @@ def test_every_trace_has_expectations() -> None:
             "reserved-root", "reserved-root-lazy"} <= traces
 
 
-def _trace_of(golden: Path) -> Path:
-    name = golden.name.removesuffix(".expected.json").split("+")[0]
-    return TRACES / f"{name}.trace"
-
-
 def test_every_variant_names_a_trace_and_its_config() -> None:
     assert VARIANTS  # the configuration replays below need them
     for golden in VARIANTS:
-        assert _trace_of(golden).exists(), golden.name
+        assert trace_of(golden).exists(), golden.name
         config = json.loads(golden.read_text())["options"]["config"]
         variant = golden.name.removesuffix(".expected.json").split("+")[1]
         assert (golden.parent / config).resolve() == TRACES / "configs" / f"{variant}.toml"
 
 
-@pytest.mark.parametrize(
-    "golden", EXPECTED + VARIANTS, ids=lambda p: p.name.removesuffix(".expected.json")
-)
-def test_trace_replays_as_expected(golden: Path, request: pytest.FixtureRequest) -> None:
-    trace = _trace_of(golden)
-    args = ["check", str(trace), "--expect", str(golden)]
-    if request.config.getoption("--update-golden"):
-        args.append("--update")
-    proc = run_cli(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_seed_answer() -> None:
-    """The seed question: when was the shadow of the allocated page built?"""
-    (timeline,) = expected("seed")["timelines"]
-    answer = timeline["answer"]
-    # Not at page_address (it only computes an address) and not by the
-    # module's dereference: Debian's kernel zeroes pages on allocation
-    # (init_on_alloc), so alloc_pages' own clear_page writes the page first,
-    # and that write's shadow fault builds the leaf entry.
-    assert answer["when"] == "first-access"
-    assert answer["leaf_reason"] == "demand"
-    assert answer["leaf_symbol"].startswith("clear_page")
-    assert answer["leaf_event"] == answer["first_access_event"]
-
-
-def test_seed_page_reachable_from_every_root() -> None:
-    findings = expected("seed")["findings"]
-    # the page is in the direct map, which every root shares: its leaf is in
-    # the shadows of non-secure roots (C1 critical) and was accessed from them
-    # (C2: the module's read and alloc's zeroing run on non-secure roots)
-    assert findings.get("C1/critical", 0) >= 1
-    assert findings.get("C2/critical", 0) >= 1
-    assert expected("seed")["c7_mismatches"] == 0
-    # no secure root is registered (C3 needs one) and the page has no VA
-    # besides its direct-map one (C4 needs a second): neither can fire
-    assert not any(k.startswith(("C3/", "C4/")) for k in findings)
-
-
-def test_private_root_shares_kernel_half() -> None:
-    findings = expected("private-root")["findings"]
-    # the private root copies the kernel half: its kernel L3 frames are shared
-    # with every other root (C3 info), and the one whose subtree reaches the
-    # secure page through the direct map is critical
-    assert findings.get("C3/info", 0) >= 1 and findings.get("C3/critical", 0) >= 1
-    # the secure page keeps its direct-map alias (C4)
-    assert findings.get("C4/high", 0) >= 1
-
-
-def test_shared_l1_is_critical() -> None:
-    findings = expected("shared-l1")["findings"]
-    # the secure page's L1 frame is linked from a non-secure root too: C3
-    # critical beyond what private-root shows, and the alias read is C2
-    assert findings.get("C3/critical", 0) > expected("private-root")["findings"].get(
-        "C3/critical", 0
-    )
-    assert findings.get("C2/critical", 0) >= 1
-
-
-def test_secretmem_page_has_no_alias() -> None:
-    findings = expected("secretmem")["findings"]
-    # memfd_secret removes the page from the direct map: no second mapping
-    # (C4) of it anywhere. The program cannot name its own root as secure, so
-    # its own mapping still counts as non-secure (C1, C2): the positive
-    # control is the absence of C4.
-    assert "C4/high" not in findings
-    assert findings.get("C1/critical", 0) >= 1
-
-
-def test_vmalloc_builds_and_destroys_shadows() -> None:
-    exp = expected("vmalloc")
-    counters = exp["counters"]
-    # vmalloc/vfree write kernel tables: emulated, re-validated table writes
-    assert counters["shadow_emulate"] > 0
-    # and shadows come and go within the window
-    assert exp["shadows"]["total"]["destroyed"] > 0
-    (timeline,) = exp["timelines"]
-    # the module's first write to the area builds its leaf by demand
-    assert timeline["answer"]["leaf_symbol"].startswith("st_vmalloc_init")
-
-
-def test_fork_unsyncs_user_l1s() -> None:
-    counters = expected("fork")["counters"]
-    # children write their copy-on-write pages: user L1s go out of sync and
-    # are resynced at later CR3 writes (SHOPT_OUT_OF_SYNC is on by default)
-    assert counters["shadow_unsync"] > 0 and counters["shadow_resync"] > 0
-    # four children, the parent and the shell: more CR3 writes than seed's
-    assert counters["cr3_write_intercepted"] > expected("seed")["counters"][
-        "cr3_write_intercepted"
-    ]
-
-
-def variant(name: str) -> dict:
-    return json.loads((TRACES / "variants" / f"{name}.expected.json").read_text())["expected"]
-
-
-def c6(exp: dict) -> dict[str, int]:
-    """C6 findings by 'severity/hazard kind'."""
-    return {k.removeprefix("C6/"): v for k, v in exp["findings"].items() if k.startswith("C6/")}
-
-
-#: private-root with the CR3-target list (both roots, in force from the
-#: secure-root marker to secure-end) and which of OOS / vTLB are on.
-TARGET_CONFIGS = {
-    "targets": (True, True),
-    "targets-no-oos": (False, True),
-    "targets-no-vtlb": (True, False),
-    "targets-no-oos-no-vtlb": (False, False),
-}
-
-
-def test_private_root_default_config_has_no_exitless_switch() -> None:
-    base = expected("private-root")
-    # no CR3-target list: Xen intercepts every CR3 write, nothing is stale
-    assert base["counters"]["cr3_write_not_intercepted"] == 0
-    assert c6(base) == {}
-
-
-@pytest.mark.parametrize("name", TARGET_CONFIGS)
-def test_private_root_c6_per_configuration(name: str) -> None:
-    oos, vtlb = TARGET_CONFIGS[name]
-    base = expected("private-root")
-    exp = variant(f"private-root+{name}")
-    found = c6(exp)
-    # 4 passes, each a switch to the private root and one back, all while
-    # the list is in force: 8 exit-less writes, every other one intercepted
-    assert exp["counters"]["cr3_write_not_intercepted"] == 8
-    assert (
-        exp["counters"]["cr3_write_intercepted"]
-        == base["counters"]["cr3_write_intercepted"] - 8
-    )
-    # Xen never saw the private root loaded, so it has no shadow for it:
-    # the first switch runs on nothing Xen built (high), and the module's
-    # first access faults into a Xen that walks the normal root instead
-    assert found["high/no-shadow-for-target"] == 1
-    assert found["info/fault-on-stale-root"] == 1
-    # ... where the private VA is unmapped: each of the module's 8 accesses
-    # to it (a write and a read per pass) is a fault Xen would reflect to
-    # the guest, and the VA's shadow is never built (base: 0 such faults)
-    assert base["counters"]["shadow_fault_bail_real_fault"] == 0
-    assert exp["counters"]["shadow_fault_bail_real_fault"] == 8
-    (timeline,) = exp["timelines"]
-    assert timeline["answer"]["when"] == "never"
-    # OOS L1s left stale by the switch (there and back: 2 roots) only with
-    # SHOPT_OUT_OF_SYNC; live vTLB entries only with SHOPT_VIRTUAL_TLB
-    assert found.get("high/oos-stale", 0) == (2 if oos else 0)
-    assert found.get("high/vtlb-live", 0) == (2 if vtlb else 0)
-    # C5 (the private tables are writable through every root's direct map)
-    # is a property of the guest, not of Xen's configuration
-    assert exp["findings"]["C5/critical"] == base["findings"]["C5/critical"]
-    assert exp["c7_mismatches"] == 0
-
-
-def test_private_root_targets_listed_from_the_start() -> None:
-    exp = variant("private-root+targets-always")
-    # listed from the window's start, the normal root's writes outside the
-    # module exit-lessly too (exec, context switches): more than the 8
-    assert exp["counters"]["cr3_write_not_intercepted"] > 8
-    # and the normal root itself is first loaded before Xen shadowed it
-    assert c6(exp)["high/no-shadow-for-target"] == 2
-
-
-def test_fork_pool_pressure() -> None:
-    base = expected("fork")["counters"]
-    p64 = variant("fork+pool-64")["counters"]
-    p48 = variant("fork+pool-48")["counters"]
-    # the default pool (libxl's size for the guest) never runs short
-    assert base["shadow_evicted"] == 0 and base["shadow_prealloc_1"] == 0
-    # 64 pages < 70 live shadows + 3 OOS snapshot pages (3 per vCPU, the
-    # trace has 1): unpinning least recently pinned shadows is enough
-    assert p64["shadow_evicted"] > 0
-    assert p64["shadow_prealloc_1"] > 0 and p64["shadow_prealloc_2"] == 0
-    # 48 pages: unpinning is not enough, the current roots' shadows are
-    # unhooked too, and the same tables are shadowed again and again
-    assert p48["shadow_prealloc_2"] > 0
-    assert p48["shadow_created"] > 10 * base["shadow_created"]
-    for name in ("fork+pool-64", "fork+pool-48"):
-        exp = variant(name)
-        assert exp["c7_mismatches"] == 0  # the guest's own walks do not change
-        # the pool holds the live shadows and the 3 OOS snapshot pages
-        assert exp["shadows"]["total"]["live"] <= int(name.split("-")[-1]) - 3
-
-
-def test_reserved_root_is_clean() -> None:
-    exp = expected("reserved-root")
-    # secure page and private tables live in memmap-reserved memory, outside
-    # the direct map; the temporary window was removed and flushed before
-    # registration. What is left is the copied kernel half: kernel L3 frames
-    # shared with every other root, none of whose subtrees reaches the
-    # secure page (C3 info). No C1, C2, C4, C5, C6, C8.
-    assert set(exp["findings"]) == {"C3/info"}
-    assert exp["c7_mismatches"] == 0
-    # and the secure page's shadow is built under the private root by the
-    # module's first write, as in private-root
-    (timeline,) = exp["timelines"]
-    assert timeline["answer"]["when"] == "first-access"
-    assert timeline["answer"]["leaf_symbol"].startswith("reserved_root_init")
-
-
-def test_reserved_root_lazy_flush_leaves_stale_shadows() -> None:
-    lazy = expected("reserved-root-lazy")
-    # without the flush, the window's L1 is out of sync when its PTEs are
-    # cleared: the shadows of the roots sharing the kernel half still map
-    # the secure page when it is registered (C1 critical: in the shadow)
-    assert lazy["findings"].get("C1/critical", 0) >= 1
-    assert set(lazy["findings"]) == {"C1/critical", "C3/info"}
-    # the same trace with SHOPT_OUT_OF_SYNC off: each PTE clear traps and is
-    # validated at once, nothing stale: as clean as reserved-root
-    assert set(variant("reserved-root-lazy+no-oos")["findings"]) == {"C3/info"}
+@pytest.mark.parametrize("golden", EXPECTED + VARIANTS, ids=golden_name)
+def test_trace_replays_as_expected(golden: Path, goldens: Goldens) -> None:
+    run = goldens(golden)
+    diff = compare(run.expected, run.got)
+    assert diff == [], f"{run.trace}: {len(diff)} difference(s) from {golden}:\n" + "\n".join(
+        f"  {line}" for line in diff)

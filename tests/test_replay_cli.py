@@ -165,3 +165,34 @@ def test_module_names_survive_the_terminal_report() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the leaf of the private VA is built by the module's first write (its expectation file)
     assert "private_root_init+0x40e [private_root]" in proc.stdout
+
+
+def test_check_writes_and_compares_expectations(tmp_path: Path) -> None:
+    """``shadowtrace check``: --update writes FILE from a replay; a replay
+    then matches it; a changed expectation is one difference line, exit 1.
+    (The recorded traces' goldens are replayed in-process by
+    test_regression, as this command does.)"""
+    s = seed_trace(tmp_path / "seed.trace")
+    expect = tmp_path / "seed.expected.json"
+    proc = run_cli("check", str(s.path), "--expect", str(expect))
+    assert proc.returncode == 1
+    assert "use --update" in one_line(proc.stderr)
+    proc = run_cli("check", str(s.path), "--expect", str(expect), "--update", "--watch",
+                   f"{VA:x}")
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads(expect.read_text())
+    assert stored["options"]["watch"] == [f"{VA:x}"]  # the options it was made with
+    assert stored["expected"]["timelines"][0]["answer"]["when"] == "first-access"
+    proc = run_cli("check", str(s.path), "--expect", str(expect))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "as expected" in proc.stdout
+    stored["expected"]["counters"]["shadow_fault"] += 1
+    expect.write_text(json.dumps(stored))
+    proc = run_cli("check", str(s.path), "--expect", str(expect))
+    assert proc.returncode == 1
+    assert "1 difference(s)" in proc.stdout
+    assert "counters.shadow_fault: expected" in proc.stdout
+    expect.write_text("[]")
+    proc = run_cli("check", str(s.path), "--expect", str(expect))
+    assert proc.returncode == 1
+    assert "not an expectation file" in one_line(proc.stderr)

@@ -19,9 +19,10 @@ from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, GuestMemory
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine
 from replay.trace import format as fmt
-from replay.trace.reader import TraceReader, read_all
+from replay.trace.reader import read_all
 from replay.trace.writer import TraceWriter
 
+from .replays import REAL, Goldens, engine_state
 from .test_guest import DATA, GuestTables, dm
 
 K = fmt.Kind
@@ -234,38 +235,6 @@ def test_replay_file_uses_header(tmp_path: Path) -> None:
 
 # -- the fast path and the event-by-event path agree -------------------------
 
-TRACES = Path(__file__).resolve().parent.parent / "traces"
-#: Every recorded trace, with the configuration it is replayed with (None:
-#: the header's defaults), plus two configuration replays of
-#: traces/variants that stress other engine paths: the CR3-target list
-#: (exit-less CR3 switches between two roots) and a pool so small that
-#: shadows are evicted and the current roots' unhooked.
-REAL = [(p.name.removesuffix(".trace"), None) for p in sorted(TRACES.glob("*.trace"))] + [
-    ("private-root", "targets"), ("fork", "pool-48")]
-
-
-def engine_state(eng: ShadowEngine) -> dict[str, Any]:
-    """Everything the engine holds as a result, event numbers included.
-
-    Left out: ``restrict_gen`` and ``leaf_log``, the change log the fast
-    path consumes (bookkeeping for the replayer, not a result)."""
-    return {
-        "counters": dict(eng.counters),
-        "shadows": {k: (s.refcount, s.pinned, tuple(s.entries)) for k, s in eng.shadows.items()},
-        "pins": list(eng.pins),
-        "pt_types": eng.pt_types,
-        "parents": eng.parents,
-        "rw_maps": eng.rw_maps,
-        "oos": (eng.oos_where, eng.oos_may_write),
-        "mmio_frames": eng.mmio_frames,
-        "facts": list(eng.facts),
-        "hazards": list(eng.hazards),
-        "vcpus": [dataclasses.asdict(v) for v in eng.vcpus],
-        "last": (eng._event, eng._vcpu),
-        "guest_layout": eng.guest.layout,
-    }
-
-
 def both_paths(path: Path, config: EngineConfig, **kw: Any) -> tuple[Replayer, Replayer]:
     """Replay ``path`` with the fast and with the event-by-event path in
     lockstep (as :meth:`Replayer.run` does, one chunk of look-ahead) and
@@ -294,20 +263,25 @@ def both_paths(path: Path, config: EngineConfig, **kw: Any) -> tuple[Replayer, R
 
 @pytest.mark.parametrize("name,variant", REAL, ids=[f"{n}+{v}" if v else n for n, v in REAL])
 def test_fast_path_equals_event_by_event_on_recorded_traces(
-    name: str, variant: str | None
+    name: str, variant: str | None, goldens: Goldens
 ) -> None:
-    path = TRACES / f"{name}.trace"
-    with TraceReader(path) as reader:
-        header = reader.header
-    options = None if variant is None else TRACES / "configs" / f"{variant}.toml"
-    fast, _ = both_paths(path, EngineConfig.for_trace(header, options))
-    st = fast.stats
+    # The trace's golden replay (event by event: the checks observe every
+    # event) fed the fast path in lockstep and compared the engines and the
+    # replay stats after every chunk, as both_paths does (tests/replays.py)
+    lock = goldens(f"{name}+{variant}" if variant else name).lockstep
+    assert lock is not None and lock.chunks > 0
+    assert lock.difference is None, lock.difference
+    # the comparison means something only if the fast path took accesses in
+    # bulk (without the engine), and the slow path none
+    assert lock.fast_bulk > 0
+    assert lock.slow_bulk == 0
+    st = lock.fast_stats
     # a sound recording: the plugin's pa of every access that reached the
     # engine is the model's walk of the reconstructed tables
     assert st.translation_mismatches == 0
     # every access reaching the engine was cross-checked: none ran before
     # a CR3 was known (the vCPU list is read again after WINDOW_OPEN)
-    assert st.translations_checked == fast.engine.counters["accesses"] > 0
+    assert st.translations_checked == lock.fast_accesses > 0
 
 
 def test_fast_path_equals_event_by_event_on_synthetic_traces(tmp_path: Path) -> None:

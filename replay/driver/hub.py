@@ -30,7 +30,11 @@ class FactHub:
 
 
 class ChunkObserver:
-    """Hooks :func:`drive` calls around each chunk (both optional)."""
+    """Hooks :func:`drive` calls: once before the first chunk, and around
+    each chunk (each optional)."""
+
+    def start_replay(self, replayer: Replayer) -> None:  # noqa: B027
+        pass
 
     def before_chunk(self, chunk: Chunk) -> None:  # noqa: B027
         pass
@@ -45,10 +49,15 @@ def drive(
     observers: Iterable[Any] = (),
     on_chunk: Callable[[Chunk], None] | None = None,
 ) -> ReplayStats:
-    """:meth:`Replayer.run` with hooks: each observer's ``before_chunk`` and
-    ``after_chunk`` (when it has them) run right around the chunk's feed, so
-    the engine state they see is that of the chunk's start and end."""
+    """:meth:`Replayer.run` with hooks: each observer's ``start_replay``
+    (when it has one) is told the replayer before the first chunk; its
+    ``before_chunk`` and ``after_chunk`` (when it has them) run right around
+    the chunk's feed, so the engine state they see is that of the chunk's
+    start and end."""
     obs = list(observers)
+    for o in obs:
+        if hasattr(o, "start_replay"):
+            o.start_replay(replayer)
     before = [o.before_chunk for o in obs if hasattr(o, "before_chunk")]
     after = [o.after_chunk for o in obs if hasattr(o, "after_chunk")]
     it = iter(chunks)
