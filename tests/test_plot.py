@@ -28,7 +28,7 @@ def test_series_totals(seed_series: Series, goldens: Goldens) -> None:
     _, chunks, footer = read_all(SEED)
     assert footer is not None
     kinds = np.concatenate([c.kind for c in chunks])
-    engine = goldens("seed").replay.engine  # seed replayed as `shadowtrace check` does
+    engine = goldens("seed").replay.engine  # seed as `shadowtrace check` replays it
     assert s.events == len(kinds) == footer["events"]
     assert s.bins == 200 and s.edges[0] == 0 and s.edges[-1] == s.events
     assert len(s.faults) == len(s.prefetches) == len(s.cr3_writes) == len(s.live) == s.bins

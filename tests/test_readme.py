@@ -54,7 +54,7 @@ def seed_doc() -> dict[str, Any]:
 
 
 def _main_episode(tl: dict[str, Any]) -> dict[str, Any]:
-    """The episode the terminal report shows first (replay.report._print_timeline)."""
+    """The episode the terminal report shows first (replay.report.console._print_timeline)."""
     eps = tl["episodes"]
     return next((e for e in eps if e["cr3"] and int(e["cr3"], 16) >> 12 << 12
                  == int(e["root"], 16)), eps[0])

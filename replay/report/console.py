@@ -207,7 +207,7 @@ def _print_timeline(tl: dict[str, Any]) -> None:
 
 
 def print_replay_summary(doc: dict[str, Any]) -> None:
-    """The replay results (``replay.results.build``) for people."""
+    """The replay results (``replay.report.results.build``) for people."""
     out = _wide()
     tr = doc["trace"]
     rp = doc["replay"]
