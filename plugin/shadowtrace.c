@@ -145,6 +145,8 @@ typedef struct {
     bool lm;                /* 4-level paging is on: walks are meaningful */
     bool started;
     uint64_t pc_delta;      /* run-time minus translation-time pc, this block */
+    uint64_t cr_writes;     /* mov-to-CR count, to tell one exit_mmap from a repeat */
+    uint64_t dying_key[3];  /* mm, rsp, cr_writes of the last exit_mmap recorded */
     uint64_t seen, deduplicated;
     /*
      * Walk caches, valid for one epoch: within an epoch no table on a
@@ -169,6 +171,19 @@ static int opt_level = 1;
 static GPtrArray *opt_pairs;        /* key, value, key, value, ... */
 static const char *hdr_scenario = "", *hdr_kernel = "", *hdr_qemu = "";
 static int64_t hdr_vcpus = -1;
+/*
+ * dying=VA,mm_pgd=N,text=VA: the kernel's exit_mmap(mm) and _text at link
+ * time, and offsetof(struct mm_struct, pgd). A Xen-aware Linux tells Xen at
+ * the start of exit_mmap that mm's page tables are dying
+ * (HVMOP_pagetable_dying with __pa(mm->pgd), arch/x86/xen/mmu_hvm.c); a
+ * guest on bare QEMU makes no such call, so the plugin records the moment
+ * as a marker "pagetable-dying 0xPA" when exit_mmap is entered while the
+ * window is open (before it the replay starts empty anyway). Its address
+ * moves with KASLR: dying_pc is the link-time one until the guest's
+ * "kernel _text ADDR" marker gives the slide.
+ */
+static uint64_t opt_dying, opt_mm_pgd, opt_text;
+static uint64_t dying_pc;       /* where exit_mmap runs (0: no hook) */
 
 /* Plugin state */
 static qemu_plugin_id_t plugin_id;
@@ -619,6 +634,7 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
 
     vcpu_index = cur_vcpu(vcpu_index);
     v = &vcpus[vcpu_index];
+    v->cr_writes++;
     value = read_reg(v, v->gpr[d->reg]);
     pc = exec_pc(v, d);
     lm_check = d->cr == 0 || (d->cr == 3 && !v->lm);
@@ -703,6 +719,69 @@ static void vcpu_invpcid(unsigned int vcpu_index, void *udata)
     rec_unlock();
 }
 
+/* exit_mmap(mm) entered: record the root a Xen-aware kernel would report. */
+static void vcpu_dying(unsigned int vcpu_index, void *udata)
+{
+    VCpu *v;
+    uint64_t mm, pgd_va = 0, pa;
+    char text[ST_MARKER_MAX_LEN + 1] = { 0 };
+
+    (void)udata;
+    vcpu_index = cur_vcpu(vcpu_index);
+    v = &vcpus[vcpu_index];
+    vcpu_refresh(v);
+    mm = read_reg(v, v->gpr[7]);    /* rdi: the first argument */
+    {
+        /*
+         * QEMU may run the entry instruction's callback twice for one call
+         * (seen under icount: the same mm and stack, no CR write between):
+         * record one exit_mmap once.
+         */
+        uint64_t key[3] = { mm, read_reg(v, v->gpr[4]), v->cr_writes };
+
+        if (!memcmp(key, v->dying_key, sizeof(key))) {
+            return;
+        }
+        memcpy(v->dying_key, key, sizeof(key));
+    }
+    if (!read_guest(v, mm + opt_mm_pgd, &pgd_va, sizeof(pgd_va))) {
+        return;
+    }
+    pa = walk(v, vcpu_index, pgd_va, false);
+    if (pa == PA_UNKNOWN) {
+        return;
+    }
+    g_snprintf(text, sizeof(text), "%s 0x%" PRIx64, ST_MARKER_DYING, (uint64_t)(pa & PTE_ADDR));
+    rec_lock();
+    /* Outside the window the replay forgets every shadow anyway. */
+    if (!rec.finished && load_flag(&rec.window_open)) {
+        out_emit(ST_KIND_MARKER, vcpu_index, 0, 0, 0, dying_pc, out_add_marker(text));
+    }
+    rec_unlock();
+}
+
+/* The guest's "kernel _text ADDR" marker: move the exit_mmap hook with KASLR. */
+static bool kernel_marker(const char *text)
+{
+    uint64_t at, pc;
+    const char *p = "kernel _text ";
+    char *end;
+
+    if (!opt_dying || strncmp(text, p, strlen(p))) {
+        return false;
+    }
+    at = g_ascii_strtoull(text + strlen(p), &end, 16);   /* kallsyms: bare hex */
+    if (*end != '\0' || at == 0) {
+        return false;
+    }
+    pc = opt_dying + (at - opt_text);
+    if (pc == __atomic_load_n(&dying_pc, __ATOMIC_RELAXED)) {
+        return false;
+    }
+    __atomic_store_n(&dying_pc, pc, __ATOMIC_RELAXED);
+    return true;    /* translated blocks hold the old address: re-translate */
+}
+
 /* CPUID: a marker when EAX is the marker leaf. */
 static void vcpu_cpuid(unsigned int vcpu_index, void *udata)
 {
@@ -739,6 +818,7 @@ static void vcpu_cpuid(unsigned int vcpu_index, void *udata)
     stop = len == strlen(ST_MARKER_STOP) &&
            !strncmp(text, ST_MARKER_STOP, len);
 
+    reset = kernel_marker(text);
     rec_lock();
     if (!rec.finished) {
         uint32_t idx = out_add_marker(text);
@@ -906,6 +986,10 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         size_t len = qemu_plugin_insn_data(insn, bytes, sizeof(bytes));
         InsnDesc d;
 
+        if (pc == __atomic_load_n(&dying_pc, __ATOMIC_RELAXED) && dying_pc) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, vcpu_dying,
+                                                   QEMU_PLUGIN_CB_R_REGS, NULL);
+        }
         if (len >= 2 && decode_special(bytes, len, pc, &d)) {
             static const qemu_plugin_vcpu_udata_cb_t cbs[] = {
                 [OP_CPUID] = vcpu_cpuid,
@@ -1094,6 +1178,14 @@ static int parse_options(int argc, char **argv)
                 return fail("bad level '%s' (1..%d)", val, ZSTD_maxCLevel());
             }
             opt_level = (int)lv;
+        } else if (!strcmp(key, "dying") || !strcmp(key, "mm_pgd") ||
+                   !strcmp(key, "text")) {
+            uint64_t x;
+            if (!parse_u64(val, &x)) {
+                return fail("bad %s '%s' (a number)", key, val);
+            }
+            *(!strcmp(key, "dying") ? &opt_dying :
+              !strcmp(key, "text") ? &opt_text : &opt_mm_pgd) = x;
         } else if (!strcmp(key, "scenario")) {
             hdr_scenario = val;
         } else if (!strcmp(key, "kernel")) {
@@ -1119,6 +1211,10 @@ static int parse_options(int argc, char **argv)
         g_ptr_array_add(opt_pairs, g_steal_pointer(&key));
         g_ptr_array_add(opt_pairs, (gpointer)val);
     }
+    if (opt_dying && (!opt_text || !opt_mm_pgd)) {
+        return fail("dying= needs text= and mm_pgd= too");
+    }
+    dying_pc = opt_dying;
     if (!opt_out) {
         return fail("missing required option out=PATH");
     }

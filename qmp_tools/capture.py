@@ -78,6 +78,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         "kernel": paths.kernel_version() or "unknown",
         "qemu": qemu_version(),
         "vcpus": str(opts.smp),
+        **dying_hook(paths),
     }
     config = MachineConfig(
         kernel=paths.kernel,
@@ -110,6 +111,28 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         duration=duration,
         summary=summary,
     )
+
+
+def dying_hook(paths: BuildPaths) -> dict[str, str]:
+    """Plugin options that record "pagetable-dying PA" at each exit_mmap
+    (what a Xen-aware kernel tells Xen there): the link-time addresses of
+    exit_mmap and _text (build/guest/kallsyms) and mm_struct.pgd's offset
+    (build/guest/kernel-offsets)."""
+    from replay.guest.symbols import system_map_address
+
+    try:
+        offsets = dict(line.split() for line in paths.kernel_offsets.read_text().splitlines())
+        mm_pgd = int(offsets["mm_pgd"])
+    except (OSError, ValueError, KeyError) as err:
+        raise SetupError(
+            f"missing set-up: kernel offsets ({paths.kernel_offsets}) not built ({err}); "
+            "run 'make setup'"
+        ) from None
+    addr = {s: system_map_address(paths.kallsyms, s) for s in ("exit_mmap", "_text")}
+    if None in addr.values():
+        raise SetupError(f"{paths.kallsyms}: no exit_mmap or _text symbol; run 'make setup'")
+    return {"dying": f"{addr['exit_mmap']:#x}", "text": f"{addr['_text']:#x}",
+            "mm_pgd": str(mm_pgd)}
 
 
 def summarise(path: Path) -> dict[str, Any]:

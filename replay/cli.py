@@ -248,6 +248,7 @@ def _xen(args: argparse.Namespace) -> int:
     from qmp_tools.xen import run_xen
 
     from .errors import UsageError
+    from .report import results
     from .report.console import print_xen_summary, progress_printer
     from .xen.summary import build_table, summary_doc, write_parquet
 
@@ -277,11 +278,13 @@ def _xen(args: argparse.Namespace) -> int:
             sys.stderr.write("--- console (last lines) ---\n" + err.console_tail + "\n---\n")
         raise
     parquet = write_parquet(xt.table, args.out / f"{args.scenario}.xen.parquet")
-    print_xen_summary(summary_doc(xt, {
-        "scenario": args.scenario, "duration_s": run.duration,
+    doc = summary_doc(xt, {
+        "scenario": args.scenario, "duration_s": round(run.duration, 2), "pcpus": run.pcpus,
         "console_log": str(run.console_log), "xentrace": str(run.xentrace),
-        "parquet": str(parquet),
-    }))
+        "host_log": str(run.host_log), "parquet": str(parquet),
+    })
+    results.write_json(args.out / f"{args.scenario}.xen.json", doc)
+    print_xen_summary(doc)
     return 0
 
 

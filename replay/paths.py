@@ -49,6 +49,11 @@ class BuildPaths:
         return self.guest / "kallsyms"
 
     @property
+    def kernel_offsets(self) -> Path:
+        """Structure offsets of the guest kernel (scripts/kernel-offsets.sh)."""
+        return self.guest / "kernel-offsets"
+
+    @property
     def plugin(self) -> Path:
         return self.root / "plugin" / "libshadowtrace.so"
 

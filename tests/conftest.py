@@ -9,6 +9,7 @@ missing part is a failing test. Tests that boot QEMU are marked ``e2e``
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qmp_tools.xen import XenResult, run_xen
+from qmp_tools.xen import XenResult
 
 from .replays import Goldens
 
@@ -30,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 #: Fixtures that boot QEMU: a test using one must be marked e2e.
-QEMU_FIXTURES = ("captures", "xen_seed", "xen_seed_run")
+QEMU_FIXTURES = ("captures", "xen_seed_run")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -86,10 +87,27 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Captured]:
 
 
 @pytest.fixture(scope="session")
-def xen_seed_run(tmp_path_factory: pytest.TempPathFactory) -> XenResult:
+def xen_seed_run(tmp_path_factory: pytest.TempPathFactory) -> XenCliRun:
     """One run of the seed scenario under the real Xen (shadow paging, xentrace),
-    shared by every test that needs it: a boot takes about a minute."""
-    return run_xen("seed", tmp_path_factory.mktemp("xen-seed"))
+    as a user makes it (``shadowtrace xen --scenario seed --out DIR``), shared
+    by every test that needs it: a boot takes about a minute."""
+    out = tmp_path_factory.mktemp("xen-seed")
+    proc = run_cli("xen", "--scenario", "seed", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, f"shadowtrace xen failed: {proc.stderr[-4000:]}"
+    info = json.loads((out / "seed.xen.json").read_text())
+    return XenCliRun(
+        console_log=Path(info["console_log"]), xentrace=Path(info["xentrace"]),
+        host_log=Path(info["host_log"]), duration=info["duration_s"], pcpus=info["pcpus"],
+        out=out, stdout=proc.stdout,
+    )
+
+
+@dataclass
+class XenCliRun(XenResult):
+    """A :class:`XenResult` of the command, with its folder and what it printed."""
+
+    out: Path = Path()
+    stdout: str = ""
 
 
 @pytest.fixture(scope="session")

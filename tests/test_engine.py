@@ -422,7 +422,9 @@ def test_user_write_to_page_table_unshadows_it() -> None:
 
 
 def test_skip_verify_and_early_unshadow() -> None:
-    d, t, root, l1 = _s7(out_of_sync=False)
+    # the two-write heuristic of a guest that never used HVMOP_pagetable_dying
+    # (a Xen-aware guest: tests/test_engine_xen_aware.py)
+    d, t, root, l1 = _s7(out_of_sync=False, guest_kind="unaware")
     d.store(t, l1, 5, 0)  # entry 5 was 0: P clear before and after
     assert d.c["shadow_validate_skip"] == 1
     assert d.c["shadow_early_unshadow"] == 0  # first zero write only arms it

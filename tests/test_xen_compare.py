@@ -10,7 +10,6 @@ elsewhere).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +18,7 @@ import pytest
 from replay.session import DEFAULT_CONSOLE_REGEX, console_vas
 from replay.xen.compare import METRICS, SHARED
 
-from .conftest import run_cli
+from .conftest import XenCliRun, run_cli
 
 TOP = Path(__file__).resolve().parent.parent
 SEED = TOP / "traces" / "seed.trace"
@@ -27,35 +26,20 @@ SEED = TOP / "traces" / "seed.trace"
 pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class XenCli:
-    out: Path
-    stdout: str
-
-
-@pytest.fixture(scope="session")
-def xen_seed(tmp_path_factory: pytest.TempPathFactory) -> XenCli:
-    """One ``shadowtrace xen --scenario seed`` for the whole session."""
-    out = tmp_path_factory.mktemp("xen-seed")
-    proc = run_cli("xen", "--scenario", "seed", "--out", str(out), timeout=900)
-    assert proc.returncode == 0, f"shadowtrace xen failed: {proc.stderr[-4000:]}"
-    return XenCli(out, proc.stdout)
-
-
-def _table(run: XenCli) -> pl.DataFrame:
+def _table(run: XenCliRun) -> pl.DataFrame:
     return pl.read_parquet(run.out / "seed.xen.parquet")
 
 
-def _seed_va(run: XenCli) -> int:
+def _seed_va(run: XenCliRun) -> int:
     text = (run.out / "seed.xen.console.log").read_text()
     return console_vas(text, DEFAULT_CONSOLE_REGEX, "xen console")[0]
 
 
 def test_xen_first_record_of_the_seed_page_is_a_new_l1_entry_from_clear_page(
-    xen_seed: XenCli,
+    xen_seed_run: XenCliRun,
 ) -> None:
-    df = _table(xen_seed)
-    page = _seed_va(xen_seed) >> 12
+    df = _table(xen_seed_run)
+    page = _seed_va(xen_seed_run) >> 12
     inside = df.filter(
         (pl.col("window") == "inside") & pl.col("va").is_not_null()
         & ((pl.col("va") // 4096) == page) & pl.col("kind").is_in(["fixup", "not_shadow",
@@ -72,8 +56,8 @@ def test_xen_first_record_of_the_seed_page_is_a_new_l1_entry_from_clear_page(
     assert first["symbol"].startswith("clear_page_erms+")
 
 
-def test_xen_window_holds_an_early_unshadow(xen_seed: XenCli) -> None:
-    df = _table(xen_seed)
+def test_xen_window_holds_an_early_unshadow(xen_seed_run: XenCliRun) -> None:
+    df = _table(xen_seed_run)
     inside = df.filter(pl.col("window") == "inside")
     pattern = "(^|\\|)(early_unshadow|demote)(\\||$)"
     dropped = inside.filter(
@@ -85,24 +69,24 @@ def test_xen_window_holds_an_early_unshadow(xen_seed: XenCli) -> None:
     assert "clear_page_erms" in {s.split("+")[0] for s in dropped["symbol"].to_list()}
 
 
-def test_xen_summary_and_files(xen_seed: XenCli) -> None:
-    df = _table(xen_seed)
+def test_xen_summary_and_files(xen_seed_run: XenCliRun) -> None:
+    df = _table(xen_seed_run)
     # the marker window exists: the start and the stop marker records
     assert df.filter(pl.col("window") == "marker").height == 2
     assert df.filter(pl.col("window") == "inside").height > 0
-    raw = xen_seed.out / "seed.xen.trace.raw"
+    raw = xen_seed_run.out / "seed.xen.trace.raw"
     assert raw.stat().st_size > 0
     # the summary table names the kinds with their counts inside the window
     n_fix = df.filter((pl.col("window") == "inside") & (pl.col("kind") == "fixup")
                       & pl.col("vcpu").is_not_null()).height
-    line = next(ln for ln in xen_seed.stdout.splitlines() if ln.strip().startswith("│ fixup")
+    line = next(ln for ln in xen_seed_run.stdout.splitlines() if ln.strip().startswith("│ fixup")
                 or ln.strip().startswith("fixup"))
     assert f"{n_fix:,}" in line
 
 
-def test_compare_seed_agrees_on_the_page(xen_seed: XenCli, tmp_path: Path) -> None:
+def test_compare_seed_agrees_on_the_page(xen_seed_run: XenCliRun, tmp_path: Path) -> None:
     out = tmp_path / "cmp.json"
-    proc = run_cli("compare", "--trace", str(SEED), "--xen", str(xen_seed.out),
+    proc = run_cli("compare", "--trace", str(SEED), "--xen", str(xen_seed_run.out),
                    "--watch-console", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -115,12 +99,12 @@ def test_compare_seed_agrees_on_the_page(xen_seed: XenCli, tmp_path: Path) -> No
     assert ans["xen"]["kind"] == "fixup+new-l1e"
     assert ans["agree"] is True
     assert int(ans["va_model"], 16) == 0xFFFF888006192000  # the trace's console line
-    assert int(ans["va_xen"], 16) == _seed_va(xen_seed)
+    assert int(ans["va_xen"], 16) == _seed_va(xen_seed_run)
     names = [m["name"] for m in doc["metrics"]]
     assert names == [m.name for m in METRICS] + [SHARED]
     by = {m["name"]: m for m in doc["metrics"]}
     # the Xen column is counted from the same table the test reads
-    df = _table(xen_seed)
+    df = _table(xen_seed_run)
     inside = df.filter((pl.col("window") == "inside") & pl.col("vcpu").is_not_null())
     assert by["faults_fixed"]["xen"] == inside.filter(pl.col("kind") == "fixup").height
     assert by["emulated_writes"]["xen"] == inside.filter(pl.col("kind") == "emulate").height
@@ -147,11 +131,11 @@ def test_xen_unknown_scenario_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_readme_model_column_is_what_compare_gives(xen_seed: XenCli, tmp_path: Path) -> None:
+def test_readme_model_column_is_what_compare_gives(xen_seed_run: XenCliRun, tmp_path: Path) -> None:
     """The model half of the README's "Model vs real Xen" seed column comes from
     this replay (Xen's half is one measured run and varies between runs)."""
     out = tmp_path / "cmp.json"
-    proc = run_cli("compare", "--trace", str(SEED), "--xen", str(xen_seed.out),
+    proc = run_cli("compare", "--trace", str(SEED), "--xen", str(xen_seed_run.out),
                    "--watch-console", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())

@@ -33,6 +33,10 @@ class Common(EngineState):
             # shadow_promote: an out-of-sync frame is resynced first.
             if self.config.out_of_sync and frame in self.oos_where:
                 self._resync(frame)
+            if frame not in self.pt_types:
+                # shadow_promote: a frame that becomes a page table anew is
+                # not dying (page->pagetable_dying = false).
+                self.dying_frames.discard(frame)
             self.pt_types.setdefault(frame, set()).add(stype)
         self.shadows[sh.key] = sh
         c["shadow_created"] += 1

@@ -12,6 +12,7 @@ a JSON file or a TOML file with the same keys (lower case, no prefix)::
     pool_pages = 2048               # omit for libxl's default
     cr3_targets = ["0x1234000"]     # roots whose CR3 writes do not exit
     cr3_targets_active = "secure"   # listed only while a secure-root is registered
+    guest_kind = "unaware"          # a guest that never calls HVMOP_pagetable_dying
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ CR3_TARGET_MAX: Final = 4
 #: ``secure-root`` marker and the next ``secure-end`` (a hypervisor that
 #: programs the list when the guest registers its secure address space).
 CR3_TARGETS_ACTIVE: Final = ("always", "secure")
+#: The kind of guest modelled: "xen-aware", a Linux with Xen's HVM/PVH
+#: support as Debian ships it (it tells Xen when a page table is dying:
+#: HVMOP_pagetable_dying from xen_hvm_exit_mmap, probed at boot by
+#: xen_hvm_init_mmu_ops, arch/x86/xen/mmu_hvm.c), or "unaware" (a kernel
+#: that never makes that call: Xen guesses with its two-write heuristic).
+GUEST_KINDS: Final = ("xen-aware", "unaware")
 #: Smallest pool Xen accepts (pages), see shadow_set_allocation callers.
 MIN_POOL_PAGES: Final = 1024
 
@@ -83,6 +90,8 @@ class EngineConfig:
     cr3_targets: list[int] = field(default_factory=list)
     #: One of :data:`CR3_TARGETS_ACTIVE`.
     cr3_targets_active: str = "always"
+    #: One of :data:`GUEST_KINDS`: what Xen really runs here is "xen-aware".
+    guest_kind: str = "xen-aware"
     #: Keep the structured fact log (turn off for speed when unused).
     record_facts: bool = True
 
@@ -120,6 +129,10 @@ class EngineConfig:
                 f"cr3_targets_active must be one of {', '.join(CR3_TARGETS_ACTIVE)},"
                 f" not {self.cr3_targets_active!r}"
             )
+        if self.guest_kind not in GUEST_KINDS:
+            raise UsageError(
+                f"guest_kind must be one of {', '.join(GUEST_KINDS)}, not {self.guest_kind!r}"
+            )
         if not 1 <= self.prefetch_distance <= 512:
             raise UsageError(f"prefetch_distance must be 1..512, not {self.prefetch_distance}")
 
@@ -155,9 +168,9 @@ class EngineConfig:
                 if not isinstance(value, list):
                     raise UsageError("cr3_targets must be a list")
                 kw[name] = [_int(v, "cr3_targets") for v in value]
-            elif name == "cr3_targets_active":
+            elif name in ("cr3_targets_active", "guest_kind"):
                 if not isinstance(value, str):
-                    raise UsageError("option 'cr3_targets_active' must be a string")
+                    raise UsageError(f"option {name!r} must be a string")
                 kw[name] = value
             elif name == "pool_pages" and value is None:
                 kw[name] = None

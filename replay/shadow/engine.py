@@ -30,6 +30,7 @@ write is validated entry by entry); the writable-mapping heuristic is exact
 
 from __future__ import annotations
 
+import contextlib
 from typing import Final
 
 from ..guest.memory import PAGE_SHIFT, cr3_root
@@ -110,6 +111,11 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
                 self.on_marker(index, marker)
             if marker and self.config.cr3_targets_active == "secure":
                 self._secure_marker(marker[0])
+            if (marker and marker[0] == fmt.MARKER_DYING and len(marker) == 2
+                    and self.config.guest_kind == "xen-aware"):
+                # (a guest's own marker of that name, not a number: ignored)
+                with contextlib.suppress(ValueError):
+                    self.pagetable_dying(index, vcpu, int(marker[1], 16))
         elif kind == fmt.Kind.WINDOW_CLOSE:
             pass
         else:
@@ -134,8 +140,19 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
         self.rw_maps.clear()
         self.oos_where.clear()
         self.oos_may_write.clear()
-        self.l3_pinning = self.config.linux_l3_toplevel
+        # SHOPT_LINUX_L3_TOPLEVEL is switched off for good by sh_make_shadow
+        # once a domain has had more than 2 * max_vcpus L4 shadows: any Linux
+        # that booted and ran a few processes is past that (review D9).
+        self.l3_pinning = False
         self.vcpus = [VCpu() for _ in range(self.config.vcpus)]
+        self.dying_frames.clear()
+        if self.config.guest_kind == "xen-aware":
+            # A Xen-aware guest has made the call since boot on every vCPU
+            # that ran a process; Xen's per-vCPU flag at this moment is not
+            # in the trace: taken as set (what the boot probe and each
+            # exit_mmap leave).
+            for v in self.vcpus:
+                v.pagetable_dying = True
         self._fact("reset", -1, -1, -1, 0, 0, "window")
 
     # -- CR3 -------------------------------------------------------------

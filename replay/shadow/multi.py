@@ -43,6 +43,7 @@ from .types import (
     SH_MMIO,
     SH_P,
     SH_RW,
+    SH_US,
     Fetch,
     Hazard,
     Key,
@@ -155,7 +156,16 @@ class Multi(EngineState):
                 c["shadow_fault_emulate_failed"] += 1
                 self._remove_all_shadows(gfn, "user-write")
                 return "user_write_unshadow"
-            if cfg.fast_emulation:
+            # sh_page_fault, before emulating: a write to a top-level table
+            # the guest said is dying, that no vCPU has loaded, unshadows it
+            # (sh_remove_shadows, fast); the write is emulated all the same.
+            if gfn in self.dying_frames and not any(
+                    w.xen_cr3 is not None and cr3_root(w.xen_cr3) == gfn
+                    for w in self.vcpus):
+                c["shadow_unshadow_dying"] += 1
+                self._remove_all_shadows(gfn, "pagetable-dying")
+            # Armed only if the frame is still a page table after the write.
+            if cfg.fast_emulation and gfn in self.pt_types:
                 v.last_emulated_frame = va >> PAGE_SHIFT
                 v.last_emulated_mfn = gfn
                 v.last_write_emul_ok = True
@@ -306,10 +316,10 @@ class Multi(EngineState):
             size = min(store[1], 8 - off) if first else 8
         cfg = self.config
         written = (val >> (8 * off)) & ((1 << (8 * size)) - 1)
-        # Early unshadow: a second aligned zero write to the same frame.
+        # Early unshadow (check_for_early_unshadow): an aligned zero write.
         if size >= 4 and written & 0xFFFF_FFFF == 0:
             if off == 0 and cfg.early_unshadow:
-                if v.last_emulated_mfn_for_unshadow == frame:
+                if self._early_unshadow_due(v, frame):
                     c["shadow_early_unshadow"] += 1
                     self._remove_all_shadows(frame, "early-unshadow")
                 v.last_emulated_mfn_for_unshadow = frame
@@ -322,6 +332,46 @@ class Multi(EngineState):
             c["shadow_validate_skip"] += 1
             return
         self._validate(frame, (pa >> 3) & 0x1FF, val, "validate")
+
+    def _early_unshadow_due(self, v: VCpu, frame: int) -> bool:
+        """shadow/hvm.c check_for_early_unshadow, for an aligned zero write
+        to a shadowed frame: a guest that has never used
+        HVMOP_pagetable_dying gets the two-write heuristic (the same frame
+        as the last such write); one that has is trusted instead: unshadow
+        while this vCPU's ``pagetable_dying`` is set, but never a frame
+        with an L2 or L4 shadow (``SHF_L2_* | SHF_L4_64``)."""
+        if not (v.pagetable_dying
+                or (not self.dying_op and v.last_emulated_mfn_for_unshadow == frame)):
+            return False
+        return not (self.dying_op and self.pt_types.get(frame, set()) & {L2, L4})
+
+    # -- HVMOP_pagetable_dying (Xen-aware guests) -------------------------
+    def _boot_probe(self) -> None:
+        """What a Xen-aware Linux's boot probe leaves behind: xen_hvm_init_mmu_ops
+        calls HVMOP_pagetable_dying with gpa 0 on the boot vCPU, so
+        sh_pagetable_dying finds no shadow there but sets the domain's
+        ``pagetable_dying_op`` and vCPU 0's ``pagetable_dying``."""
+        self.dying_op = True
+        self.vcpus[0].pagetable_dying = True
+
+    def pagetable_dying(self, index: int, vcpu: int, pa: int) -> None:
+        """sh_pagetable_dying (multi.c, 4-level): the guest says the page
+        tables rooted at ``pa`` are dying (Linux: xen_hvm_exit_mmap at the
+        start of exit_mmap). If that root has an L4 shadow, the frame is
+        marked dying and the shadow's user entries (shadow L4e with
+        _PAGE_USER) are unhooked (shadow_unhook_mappings, user only); the
+        domain and this vCPU then count as users of the call."""
+        self._event, self._vcpu = index, vcpu
+        self.counters["pagetable_dying"] += 1
+        gfn = pa >> PAGE_SHIFT
+        sh = self.shadows.get((gfn, L4))
+        if sh is not None:
+            self.dying_frames.add(gfn)
+            for i, e in enumerate(sh.entries):
+                if e & SH_P and e & SH_US:
+                    self._set_upper(sh, i, 0, 0, "pagetable-dying")
+        self.dying_op = True
+        self._v(vcpu).pagetable_dying = True
 
     def _validate(self, frame: int, i: int, g: int, reason: str) -> None:
         """Xen's sh_validate_guest_entry for one entry: L1, L2, L3, L4."""

@@ -72,6 +72,10 @@ class OutOfSync(EngineState):
         v = self.vcpus[where[0]]
         snap = v.oos_snap[where[1]]
         self._oos_forget(frame)
+        if self.rw_maps.get(frame):
+            # oos_remove_write_access -> sh_rm_write_access_from_sl1p sets the
+            # current vCPU's pagetable_dying from the frame's (an L1: false).
+            self._v(self._vcpu).pagetable_dying = frame in self.dying_frames
         self._remove_write_access(frame)
         sh = self.shadows.get((frame, L1))
         guest = self.guest.entries(frame)

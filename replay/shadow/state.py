@@ -90,6 +90,12 @@ class EngineState:
         self.oos_where: dict[int, tuple[int, int]] = {}
         self.oos_may_write: set[int] = set()
         self.mmio_frames: set[int] = set()
+        #: d->arch.paging.shadow.pagetable_dying_op: the guest has used
+        #: HVMOP_pagetable_dying (Xen's early unshadow then trusts it).
+        self.dying_op = False
+        #: Guest frames with page->pagetable_dying (a top-level table the
+        #: guest said is dying; cleared when the frame is promoted anew).
+        self.dying_frames: set[int] = set()
         self.l3_pinning = self.config.linux_l3_toplevel
         self.pool_total = self.config.pool
         #: Roots whose CR3 writes do not exit, as now in force.
@@ -98,6 +104,8 @@ class EngineState:
         self._event = -1
         self._vcpu = 0
         self._facts_on = self.config.record_facts or on_fact is not None
+        if self.config.guest_kind == "xen-aware":
+            self._boot_probe()
         #: Bumped whenever the shadows change in a way that may take a right
         #: away (a present upper entry changes, a shadow is destroyed, ...):
         #: while it stays, an access :meth:`access` found allowed stays
@@ -221,6 +229,7 @@ class EngineState:
 
     if TYPE_CHECKING:
         # multi.py (Xen's multi.c)
+        def _boot_probe(self) -> None: ...
         def _set_l1e(self, sh: Shadow, i: int, new: int, g: int, reason: str) -> None: ...
         def _set_upper(self, sh: Shadow, i: int, new: int, g: int, reason: str) -> None: ...
         def _propagate(self, g: int, level: int, target: int, ft: Fetch, *,
@@ -238,3 +247,4 @@ class EngineState:
         def _oos_forget(self, frame: int) -> None: ...
         def _resync(self, frame: int) -> None: ...
         def _resync_all(self) -> None: ...
+

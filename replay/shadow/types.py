@@ -144,6 +144,9 @@ class VCpu:
     last_emulated_mfn: int = 0
     #: SHOPT_EARLY_UNSHADOW state.
     last_emulated_mfn_for_unshadow: int | None = None
+    #: v->arch.paging.shadow.pagetable_dying: this vCPU told Xen a page table
+    #: is dying (set by sh_pagetable_dying, the boot probe included).
+    pagetable_dying: bool = False
     #: The last store (va, size, user), for the TABLE_WRITEs that follow it.
     last_store: tuple[int, int, bool] | None = None
 
@@ -166,7 +169,8 @@ COUNTERS: Final = (
     "shadow_validate_gl1e_calls", "shadow_validate_gl2e_calls",
     "shadow_validate_gl3e_calls", "shadow_validate_gl4e_calls",
     "shadow_prefetch", "shadow_unsync", "shadow_unsync_evict", "shadow_resync",
-    "shadow_early_unshadow", "shadow_writeable", "shadow_invlpg",
+    "shadow_early_unshadow",
+    "pagetable_dying", "shadow_unshadow_dying", "shadow_writeable", "shadow_invlpg",
     "shadow_prealloc_1", "shadow_prealloc_2", "shadow_prealloc_fail",
     "shadow_evicted", "shadow_unpin_l3_toplevel",
     "shadow_created", "shadow_created_l4", "shadow_created_l3", "shadow_created_l2",

@@ -114,6 +114,10 @@ MARKER_STOP: Final = "stop"
 MARKER_MODULE: Final = "module"
 #: Marker giving the kernel's text base: "kernel _text ADDR" (KASLR slide).
 MARKER_KERNEL: Final = "kernel"
+#: Marker the plugin itself writes when the guest enters exit_mmap(mm):
+#: "pagetable-dying PA", PA = mm's root, what a Xen-aware Linux passes to
+#: HVMOP_pagetable_dying (arch/x86/xen/mmu_hvm.c xen_hvm_exit_mmap).
+MARKER_DYING: Final = "pagetable-dying"
 # Secure registration by the guest's own code (hex numbers, 0x optional):
 #: "secure-frame PA [NPAGES]": frames from here on are secure.
 MARKER_SECURE_FRAME: Final = "secure-frame"
@@ -176,6 +180,7 @@ def emit_c_header() -> str:
         f"#define ST_MARKER_MAX_LEN {MARKER_MAX_LEN}",
         f'#define ST_MARKER_START "{MARKER_START}"',
         f'#define ST_MARKER_STOP "{MARKER_STOP}"',
+        f'#define ST_MARKER_DYING "{MARKER_DYING}"',
         f"#define ST_N_U8_COLUMNS {len(U8_COLUMNS)}",
         f"#define ST_N_U64_COLUMNS {len(U64_COLUMNS)}",
         "static const char *const st_u8_columns[] = {"

@@ -97,8 +97,8 @@ METRICS: tuple[Metric, ...] = (
            "EMULATE records with the early_unshadow flag (check_for_early_unshadow's "
            "two-write or dying-process rule) or the demote flag (the frame stopped being a "
            "page table, e.g. sh_page_fault's rule for a write to a dying top-level table); "
-           "model counter shadow_early_unshadow",
-           lambda t: t.counter("shadow_early_unshadow"),
+           "model counters shadow_early_unshadow + shadow_unshadow_dying",
+           lambda t: t.counter("shadow_early_unshadow") + t.counter("shadow_unshadow_dying"),
            _flag("early_unshadow", "demote", kinds=("emulate",))),
     Metric("user_write_unshadows",
            "user-mode writes to a page table, taken as 'no page table any more': Xen "
