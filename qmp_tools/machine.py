@@ -193,7 +193,7 @@ class GuestRun:
                     f"missing set-up: cannot start {QEMU} ({err.strerror}); run 'make setup'"
                 ) from err
             qmp = await self._connect(proc, workdir / "qmp.sock")
-            stderr_task = asyncio.create_task(_read_all(proc.stderr))
+            stderr_task = asyncio.create_task(read_all(proc.stderr))
             try:
                 await asyncio.wait_for(
                     self._watch_console(proc, qmp, log), timeout=self.config.timeout
@@ -240,19 +240,7 @@ class GuestRun:
         """Connect QMP once QEMU has made its socket; None if ground truth is off."""
         if not self.config.ground_truth:
             return None
-        for _ in range(500):
-            if proc.returncode is not None:
-                return None  # the exit status and stderr tell why, below
-            if sock.exists():
-                qmp = QMPClient("shadowtrace")
-                try:
-                    await qmp.connect(str(sock))
-                except (QMPError, OSError):
-                    await asyncio.sleep(0.02)
-                    continue
-                return qmp
-            await asyncio.sleep(0.02)
-        return None
+        return await connect_qmp(proc, sock, "shadowtrace")
 
     async def _watch_console(
         self, proc: asyncio.subprocess.Process, qmp: QMPClient | None, log: Any
@@ -306,7 +294,27 @@ class GuestRun:
             await qmp.execute("cont")
 
 
-async def _read_all(stream: asyncio.StreamReader | None) -> bytes:
+async def connect_qmp(
+    proc: asyncio.subprocess.Process, sock: Path, name: str
+) -> QMPClient | None:
+    """Connect QMP once QEMU has made its socket (None if QEMU ends first:
+    its exit status and stderr tell why)."""
+    for _ in range(500):
+        if proc.returncode is not None:
+            return None
+        if sock.exists():
+            qmp = QMPClient(name)
+            try:
+                await qmp.connect(str(sock))
+            except (QMPError, OSError):
+                await asyncio.sleep(0.02)
+                continue
+            return qmp
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def read_all(stream: asyncio.StreamReader | None) -> bytes:
     return await stream.read() if stream is not None else b""
 
 

@@ -47,6 +47,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from .errors import GuestError, SetupError
+from .machine import connect_qmp, read_all
 from .paths import BuildPaths, available_scenarios, scenario_append
 
 QEMU = "qemu-system-x86_64"
@@ -319,8 +320,8 @@ class _XenRun:
             start = time.monotonic()
             proc = await self._start(self.argv(workdir))
             last_qemu_pid = proc.pid
-            qmp = await _connect(proc, workdir / "qmp.sock")
-            stderr_task = asyncio.create_task(_read_all(proc.stderr))
+            qmp = await connect_qmp(proc, workdir / "qmp.sock", "shadowtrace-xen")
+            stderr_task = asyncio.create_task(read_all(proc.stderr))
             with open(self.c.out("host.log"), "w") as host, open(
                 self.c.out("console.log"), "w"
             ) as guest:
@@ -606,27 +607,6 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
     """Kill QEMU's whole session (it started one: start_new_session)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-async def _connect(proc: asyncio.subprocess.Process, sock: Path) -> QMPClient | None:
-    """Connect QMP once QEMU has made its socket (None if QEMU ends first)."""
-    for _ in range(500):
-        if proc.returncode is not None:
-            return None
-        if sock.exists():
-            qmp = QMPClient("shadowtrace-xen")
-            try:
-                await qmp.connect(str(sock))
-            except (QMPError, OSError):
-                await asyncio.sleep(0.02)
-                continue
-            return qmp
-        await asyncio.sleep(0.02)
-    return None
-
-
-async def _read_all(stream: asyncio.StreamReader | None) -> bytes:
-    return await stream.read() if stream is not None else b""
 
 
 def _tmp_root() -> str | None:

@@ -107,7 +107,9 @@ def test_pagetable_dying_unhooks_the_user_half() -> None:
     assert (l3, L3) not in d.e.shadows
 
 
-def test_write_to_a_dying_root_no_vcpu_runs_unshadows_it() -> None:
+def _dying_and_left() -> tuple[XDriver, GuestTables, int]:
+    """The root said dying, the vCPU switched to another root, then a write
+    to the old root's frame (e.g. the freed pgd reused and written)."""
     d, t, root, l3, l2, l1 = _one_page()
     other = t.new()
     t.map(other, U, 0x2000, DATA)
@@ -115,7 +117,12 @@ def test_write_to_a_dying_root_no_vcpu_runs_unshadows_it() -> None:
     d.load(t)
     d.dying(root)
     d.cr3(other)  # the dying root is not loaded any more
-    d.store(t, root, 100, 0x1234)  # e.g. the freed pgd reused and written
+    d.store(t, root, 100, 0x1234)
+    return d, t, root
+
+
+def test_write_to_a_dying_root_no_vcpu_runs_unshadows_it() -> None:
+    d, t, root = _dying_and_left()
     assert d.c["shadow_unshadow_dying"] == 1
     assert not d.e.is_page_table(root)
     # still one emulated write (Xen emulates it after the unshadow) ...
@@ -141,15 +148,9 @@ def test_unaware_guest_ignores_the_dying_marker() -> None:
 
 
 def test_promotion_clears_the_dying_mark() -> None:
-    d, t, root, l3, l2, l1 = _one_page()
-    other = t.new()
-    t.map(other, U, 0x2000, DATA)
-    t.map(other, dm(root), root, KDATA, table_flags=KTABLE)
-    d.load(t)
-    d.dying(root)
-    d.cr3(other)
-    d.store(t, root, 100, 0x1234)  # unshadowed (previous test)
-    assert root not in d.e.dying_frames or not d.e.is_page_table(root)
+    d, t, root = _dying_and_left()
+    # unshadowed (previous test), the mark stays until the frame is a table again
+    assert not d.e.is_page_table(root) and root in d.e.dying_frames
     d.cr3(root)  # the frame is a root again: shadow_promote clears the mark
     assert d.e.is_page_table(root)
     assert root not in d.e.dying_frames
