@@ -8,7 +8,6 @@ and the replayer together.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -87,12 +86,9 @@ def check_options(trace: Path, expect: Path, options: dict[str, Any]) -> ReplayO
 
 def console_vas(text: str, regex: str, where: str) -> list[int]:
     """Group 1 of every match of ``regex`` in a console text, as VAs, first seen first."""
-    try:
-        pattern = re.compile(regex)
-    except re.error as err:
-        raise UsageError(f"--watch-console {regex!r}: {err}") from None
-    if pattern.groups < 1:
-        raise UsageError(f"--watch-console {regex!r}: the regex has no group")
+    from .analysis.secure import va_pattern
+
+    pattern = va_pattern(regex, f"--watch-console {regex!r}")
     vas: list[int] = []
     for m in pattern.finditer(text):
         try:

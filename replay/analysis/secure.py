@@ -164,15 +164,22 @@ def parse_spec(text: str, console: str | None = None) -> list[Spec]:
     )
 
 
-def _console_specs(text: str, pattern: str, console: str | None) -> list[Spec]:
+def va_pattern(pattern: str, what: str) -> re.Pattern[str]:
+    """A console regex whose group 1 is a hex VA (``console:`` specs and
+    ``--watch-console``); ``what`` names the option in the error."""
     if not pattern:
-        raise UsageError(f"secure spec {text!r}: empty regular expression")
+        raise UsageError(f"{what}: empty regular expression")
     try:
         rx = re.compile(pattern)
     except re.error as err:
-        raise UsageError(f"secure spec {text!r}: bad regular expression: {err}") from None
+        raise UsageError(f"{what}: bad regular expression: {err}") from None
     if rx.groups < 1:
-        raise UsageError(f"secure spec {text!r}: the expression needs a group (the hex VA)")
+        raise UsageError(f"{what}: the expression needs a group (the hex VA)")
+    return rx
+
+
+def _console_specs(text: str, pattern: str, console: str | None) -> list[Spec]:
+    rx = va_pattern(pattern, f"secure spec {text!r}")
     if console is None:
         raise UsageError(f"secure spec {text!r}: no console log to search")
     out: list[Spec] = []
