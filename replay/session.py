@@ -195,7 +195,7 @@ def replay(
         for sink in sinks:
             hub.add(sink)
         chunk_observers += observers
-        replayer = Replayer(engine, dedup=not opts.no_dedup)
+        replayer = Replayer(engine, dedup=not opts.no_dedup, tools=[checker])
         with replay_progress(opts.trace) as progress:
             stats = drive(replayer, reader, chunk_observers,
                           on_chunk=lambda c: progress(reader, c))

@@ -10,12 +10,14 @@ check`` does (:func:`replay.session.check_options`, :func:`replay.session.replay
 regression test, the golden invariants, the fast-path equivalence test and
 the cut and plot tests all read that one replay.
 
-For the goldens in :data:`LOCKSTEP`, the same replay also drives the fast
-path: a second replayer (``Replayer(fast=True)``, on an engine of the same
-configuration) gets every chunk right after the replay's own one, which runs
-event by event (the checks observe every event, as in every user command),
-and the two engines and replay stats are compared after every chunk, as
-``both_paths`` of tests/test_replayer.py does for synthetic traces.
+For the goldens in :data:`LOCKSTEP`, the same replay also drives the
+event-by-event reference: a second replayer (``Replayer(fast=False)``, on an
+engine of the same configuration, with its own checker of the same secure
+specs as its event tool) gets every chunk right after the replay's own one,
+which takes the fast path as every user command does; the two engines and
+replay stats are compared after every chunk, as ``both_paths`` of
+tests/test_replayer.py does for synthetic traces, and the two checkers'
+findings and summaries at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 
 from replay.analysis.golden import observed, read_expectation, write_expectation
 from replay.driver.replayer import Replayer, ReplayStats
-from replay.session import Replay, check_options, replay
+from replay.analysis.checks.checker import Checker
+from replay.session import Replay, ReplayOptions, check_options, console_text, replay
 from replay.shadow.engine import ShadowEngine
 from replay.shadow.types import Fact
 from replay.trace.reader import Chunk
@@ -86,7 +89,7 @@ def engine_state(eng: ShadowEngine) -> dict[str, Any]:
 @dataclass
 class LockstepResult:
     """What the lockstep found: the first difference (None: none), and the
-    fast replayer's stats and counts."""
+    replay's (fast path) stats and counts."""
 
     difference: str | None
     chunks: int
@@ -97,45 +100,65 @@ class LockstepResult:
 
 
 class Lockstep:
-    """A chunk observer and fact sink of one replay: feeds the fast path
-    one chunk behind the replay's own replayer (it is told a chunk before the
-    replay feeds it, and then feeds the one before, whose next kind is now
-    known), so both engines are compared at the same point."""
+    """A chunk observer and fact sink of one replay: feeds the reference
+    path one chunk behind the replay's own replayer (it is told a chunk
+    before the replay feeds it, and then feeds the one before, whose next
+    kind is now known), so both engines are compared at the same point."""
 
-    def __init__(self) -> None:
+    def __init__(self, opts: ReplayOptions) -> None:
+        self.opts = opts
         self.slow: Replayer | None = None
         self.fast: Replayer | None = None
+        self.slow_checker: Checker | None = None
         #: The replay's facts as its fact hub hands them out (its engine
         #: keeps no log: replays run with ``record_facts`` off).
-        self.slow_facts: list[Fact] = []
+        self.fast_facts: list[Fact] = []
         self.difference: str | None = None
         self._pending: Chunk | None = None
         self._chunks = 0
 
     def __call__(self, fact: Fact) -> None:
-        self.slow_facts.append(fact)
+        self.fast_facts.append(fact)
 
     def start_replay(self, replayer: Replayer) -> None:
-        self.slow = replayer
+        self.fast = replayer
         config = dataclasses.replace(replayer.engine.config, record_facts=True)
-        self.fast = Replayer(ShadowEngine(config), fast=True, dedup=replayer.dedup)
+        engine = ShadowEngine(config)
+        opts = self.opts
+        console = (console_text(opts.trace)
+                   if any(s.startswith("console:") for s in opts.secure) else None)
+        self.slow_checker = Checker(engine, secure=list(opts.secure), console=console,
+                                    policy=opts.policy)
+        self.slow = Replayer(engine, fast=False, dedup=replayer.dedup,
+                             tools=[self.slow_checker])
 
     def before_chunk(self, chunk: Chunk) -> None:
         if self._pending is not None:
             self._step(int(chunk.kind[0]) if chunk.n else None)
         self._pending = chunk
 
-    def finish(self) -> LockstepResult:
+    def finish(self, checker: Checker | None) -> LockstepResult:
+        """End: the last chunk, then the checkers (``checker``: the replay's)."""
         if self._pending is not None:
             self._step(None)
             self._pending = None
         assert self.fast is not None and self.slow is not None
+        assert self.slow_checker is not None and checker is not None
+        ref = self.slow_checker
+        ref.finish(self.slow.stats)
+        if self.difference is None:
+            if [dataclasses.asdict(f) for f in ref.findings] != [
+                    dataclasses.asdict(f) for f in checker.findings]:
+                self.difference = "findings"
+            elif ref.summary() != checker.summary():
+                self.difference = "checker summary"
         fast = self.fast
         result = LockstepResult(self.difference, self._chunks, fast.stats,
                                 fast.engine.counters["accesses"], fast.bulk_accesses,
                                 self.slow.bulk_accesses)
         self.fast = self.slow = None  # the engines are not kept for the session
-        self.slow_facts = []
+        self.slow_checker = None
+        self.fast_facts = []
         return result
 
     def _step(self, next_kind: int | None) -> None:
@@ -145,18 +168,18 @@ class Lockstep:
         if self.difference is not None:
             return  # the first difference is reported; the rest is not needed
         fast, slow = self.fast, self.slow
-        fast.feed(self._pending, next_kind)
+        slow.feed(self._pending, next_kind)
         state_f, state_s = engine_state(fast.engine), engine_state(slow.engine)
-        # facts: the fast engine's log against the replay's fact stream, the
-        # part since the last chunk (both only grow; the earlier parts were
-        # equal), which is then dropped on both sides
+        # facts: the reference engine's log against the replay's fact
+        # stream, the part since the last chunk (both only grow; the earlier
+        # parts were equal), which is then dropped on both sides
         facts_f, facts_s = state_f.pop("facts"), state_s.pop("facts")
-        assert facts_s == []  # the replay's engine keeps no log
-        if facts_f != self.slow_facts:
+        assert facts_f == []  # the replay's engine keeps no log
+        if facts_s != self.fast_facts:
             self.difference = f"chunk {i}: facts"
             return
-        fast.engine.facts.clear()
-        self.slow_facts.clear()
+        slow.engine.facts.clear()
+        self.fast_facts.clear()
         if state_f.keys() != state_s.keys():
             self.difference = f"chunk {i}: {sorted(state_f.keys() ^ state_s.keys())}"
             return
@@ -202,7 +225,7 @@ class Goldens:
         options, expected = read_expectation(golden)
         trace = trace_of(golden)
         opts = check_options(trace, golden, options)
-        lock = Lockstep() if golden_name(golden) in LOCKSTEP else None
+        lock = Lockstep(opts) if golden_name(golden) in LOCKSTEP else None
         extra = [] if lock is None else [lock]
         result = replay(opts, sinks=extra, observers=extra)
         got = observed(result.doc)
@@ -210,4 +233,4 @@ class Goldens:
             write_expectation(golden, options, got)  # as ``check --update`` does
             expected = got
         return GoldenRun(golden, trace, options, expected, got, result,
-                         None if lock is None else lock.finish())
+                         None if lock is None else lock.finish(result.checker))

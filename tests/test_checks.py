@@ -98,8 +98,9 @@ class Trace:
         config = EngineConfig.from_dict({"vcpus": self.vcpus, **cfg})
         engine = ShadowEngine(config)
         # the CLI's way: a checker on the engine, the replayer made after it
+        # with the checker as its event tool
         checker = Checker(engine, secure=specs or [], console=console, policy=policy)
-        replayer = Replayer(engine)
+        replayer = Replayer(engine, tools=[checker])
         replayer.run(chunks)
         checker.finish(replayer.stats)
         return checker
@@ -591,5 +592,5 @@ def test_check_file_and_fact_hub(tmp_path: Path) -> None:
     engine = ShadowEngine(EngineConfig(vcpus=2), on_fact=hub)
     hubbed = Checker(engine)  # adds itself to the hub ...
     hub.add(hubbed)  # ... and the caller adds it again: facts still count once
-    Replayer(engine).run(read_all(tr.path)[1])
+    Replayer(engine, tools=[hubbed]).run(read_all(tr.path)[1])
     assert brief(hubbed.finish()) == brief(direct.findings)

@@ -265,9 +265,11 @@ def both_paths(path: Path, config: EngineConfig, **kw: Any) -> tuple[Replayer, R
 def test_fast_path_equals_event_by_event_on_recorded_traces(
     name: str, variant: str | None, goldens: Goldens
 ) -> None:
-    # The trace's golden replay (event by event: the checks observe every
-    # event) fed the fast path in lockstep and compared the engines and the
-    # replay stats after every chunk, as both_paths does (tests/replays.py)
+    # The trace's golden replay (the fast path, with the checks as event
+    # tools, as every user command runs) fed the event-by-event reference (a
+    # checker of the same specs told every event) in lockstep, compared the
+    # engines and the replay stats after every chunk, as both_paths does, and
+    # the two checkers' findings and summaries at the end (tests/replays.py)
     lock = goldens(f"{name}+{variant}" if variant else name).lockstep
     assert lock is not None and lock.chunks > 0
     assert lock.difference is None, lock.difference

@@ -1,14 +1,16 @@
 """The replayer's fast path: runs of accesses the engine already allowed, in bulk.
 
-Without an ``after_event`` observer, accesses between two other events are
-taken in bulk when the engine already found each of them allowed (same
-vCPU, kind, mode and page) on the same roots with no restricting shadow
-change since (:meth:`ShadowEngine.access_token`), and their translations
-already matched the walk with the same CR3s and table layout: the engine
+Accesses between two other events are taken in bulk when the engine
+already found each of them allowed (same vCPU, kind, mode and page) on
+the same roots with no restricting shadow change since
+(:meth:`ShadowEngine.access_token`), and their translations already
+matched the walk with the same CR3s and table layout: the engine
 would change nothing but its counters and the vCPU's last store, so only
 those are updated. The results are the same as event by event
 (``Replayer(fast=False)`` feeds every event one by one; the tests compare
-the two after every chunk).
+the two after every chunk). Event tools (:mod:`replay.driver.tools`) are
+told every event handed to the engine, and the bulk accesses their
+interest names (selected with numpy per run).
 
 :class:`FastPath` is a part of :class:`~replay.driver.replayer.Replayer`,
 which holds the state it uses (declared below for the type checker).
@@ -30,12 +32,14 @@ from ..shadow.engine import ShadowEngine
 from ..shadow.types import VCpu
 from ..trace import format as fmt
 from ..trace.reader import Chunk
+from .tools import ToolSet
 
 if TYPE_CHECKING:
     from .replayer import ReplayStats
 
 _READ, _WRITE, _FETCH = int(fmt.Kind.READ), int(fmt.Kind.WRITE), int(fmt.Kind.FETCH)
 _WINDOW_OPEN = int(fmt.Kind.WINDOW_OPEN)
+_MARKER = int(fmt.Kind.MARKER)
 #: Fast path: runs of at most this many accesses between other events are
 #: taken one by one (cheaper than in bulk when short).
 _SHORT_RUN = 8
@@ -88,6 +92,7 @@ class FastPath:
     engine: ShadowEngine
     stats: ReplayStats
     check_translation: bool
+    tools: ToolSet
     bulk_accesses: int
     _allowed: dict[tuple[object, ...], set[int]]
     _allowed_gen: int
@@ -126,12 +131,14 @@ class FastPath:
         return ok_a, ok_c
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
-        """:meth:`_loop` without an observer: runs of accesses in bulk.
+        """:meth:`_loop` with runs of accesses in bulk.
 
         Between two other events, the accesses whose keys the engine found
         allowed (and whose translations matched) under the current tokens
         are counted in bulk; each other access is fed as in :meth:`_loop`,
-        and after one that changed the engine the tokens are read again."""
+        and after one that changed the engine the tokens are read again.
+        Tools are told each event fed to the engine, and each bulk access
+        they want right after it is counted."""
         eng = self.engine
         counters = eng.counters
         # C7 reads the CR3s from the current vCPU list (a WINDOW_OPEN
@@ -177,6 +184,17 @@ class FastPath:
         size_mask = fmt.INFO_SIZE_MASK
         user_bit = fmt.INFO_USER
         io_bit = 1 << 3
+        tools = self.tools if self.tools else None
+        if tools is not None:
+            frame_np = pa_k >> np.uint64(PAGE_SHIFT)
+            tell_tools = tools.tell
+            val_col = chunk.val
+
+        def tell(j: int) -> None:
+            """Tell the tools event j (an access) as the per-event loop does."""
+            i = L_i[j]
+            tell_tools(first + i, kind_at(j), L_vcpu[j], info_at(j), va_at(j), pa_at(j),
+                       val_col.item(i), None)
 
         def bulk(x: int, y: int) -> None:
             """Accesses x .. y-1, every one allowed and translated as
@@ -200,6 +218,32 @@ class FastPath:
                             va_at(j), info & size_mask or 8, bool(info & user_bit))
             eng._event, eng._vcpu = first + L_i[y - 1], L_vcpu[y - 1]
 
+        def bulk_told(x: int, y: int) -> None:
+            """:func:`bulk`, telling the tools the accesses they want (each
+            right after it is counted; their interest read again after each)."""
+            assert tools is not None
+            while x < y:
+                if not tools.any:
+                    bulk(x, y)
+                    return
+                ver = tools.version
+                wanted = tools.select(frame_np[x:y], vpage[x:y])
+                if not len(wanted):
+                    bulk(x, y)
+                    return
+                for p in (wanted + x).tolist():
+                    bulk(x, p + 1)
+                    tell(p)
+                    x = p + 1
+                    if tools.version != ver:
+                        break
+                else:
+                    if y > x:
+                        bulk(x, y)
+                    return
+
+        span = bulk if tools is None else bulk_told
+
         def one(j: int, ok_a: set[int], ok_c: set[int | bytes]) -> bool:
             """Access j as the per-event loop feeds it; False when the
             engine may have changed (the tokens must be read again)."""
@@ -218,14 +262,19 @@ class FastPath:
                 if kind == _WRITE:
                     eng.vcpus[vcpu].last_store = (va, info & size_mask or 8, bool(info & user_bit))
                 eng._event, eng._vcpu = index, vcpu
+                if tools is not None and tools.any and tools.wants(
+                        pa >> PAGE_SHIFT, va >> PAGE_SHIFT):
+                    tell(j)
                 return True
-            if eng.access(index, vcpu, kind, va, info, pa):
+            allowed = eng.access(index, vcpu, kind, va, info, pa)
+            if allowed:
                 leaf = eng.allowed_leaf(vcpu, va)
                 if not ak & io_bit and leaf is not None:
                     ok_a.add(ak)
                     self._by_leaf.setdefault(leaf, []).append((ok_a, ak))
-                return True
-            return False
+            if tools is not None:
+                tell(j)  # the engine handled it: every tool is told
+            return allowed
 
         a = 0
         for b in bounds:
@@ -244,6 +293,9 @@ class FastPath:
                             eng.vcpus[vcpu].last_store = (
                                 va_at(j), info & size_mask or 8, bool(info & user_bit))
                         eng._event, eng._vcpu = first + L_i[j], vcpu
+                        if tools is not None and tools.any and tools.wants(
+                                pa_at(j) >> PAGE_SHIFT, va_at(j) >> PAGE_SHIFT):
+                            tell(j)
                     elif not one(j, ok_a, ok_c):
                         ok_a, ok_c = self._tokens(c7_vcpus)
             elif b > a:
@@ -261,7 +313,7 @@ class FastPath:
                     changed = False
                     for u in unknown:
                         if u > j:
-                            bulk(j, u)
+                            span(j, u)
                         j = u + 1
                         if not one(u, ok_a, ok_c):
                             changed = True
@@ -271,13 +323,17 @@ class FastPath:
                         win = 64
                     else:
                         if hi > j:
-                            bulk(j, hi)
+                            span(j, hi)
                         j = hi
                         win *= 2
             if b < len(L_i):
                 kind = kind_at(b)
-                self._other(chunk, first + L_i[b], kind, L_vcpu[b], info_at(b), va_at(b),
-                            pa_at(b), chunk.pc.item(L_i[b]), chunk.val.item(L_i[b]))
+                i, val = L_i[b], chunk.val.item(L_i[b])
+                self._other(chunk, first + i, kind, L_vcpu[b], info_at(b), va_at(b),
+                            pa_at(b), chunk.pc.item(i), val)
+                if tools is not None:
+                    tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa_at(b), val,
+                               chunk.markers[val] if kind == _MARKER else None)
                 if kind == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list
             a = b + 1

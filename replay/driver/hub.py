@@ -13,6 +13,7 @@ from typing import Any
 from ..shadow.types import Fact
 from ..trace.reader import Chunk
 from .replayer import Replayer, ReplayStats
+from .tools import is_tool
 
 
 class FactHub:
@@ -53,8 +54,13 @@ def drive(
     (when it has one) is told the replayer before the first chunk; its
     ``before_chunk`` and ``after_chunk`` (when it has them) run right around
     the chunk's feed, so the engine state they see is that of the chunk's
-    start and end."""
+    start and end. An observer that is an event tool
+    (:func:`~replay.driver.tools.is_tool`) is also added to the replayer's
+    tools."""
     obs = list(observers)
+    for o in obs:
+        if is_tool(o):
+            replayer.add_tool(o)
     for o in obs:
         if hasattr(o, "start_replay"):
             o.start_replay(replayer)

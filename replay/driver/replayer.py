@@ -18,9 +18,11 @@ sequence, and give the same results. Dropping a repeat is safe for the
 engine: between two translation-changing events the second identical access
 finds the shadows the first one left (only other accesses ran in between).
 
-**Fast path.** Without an ``after_event`` observer, runs of accesses the
-engine already allowed are taken in bulk (:mod:`replay.driver.fastpath`); the
-results are the same as event by event (``Replayer(fast=False)``).
+**Fast path.** Runs of accesses the engine already allowed are taken in
+bulk (:mod:`replay.driver.fastpath`); the results are the same as event by
+event (``Replayer(fast=False)``). Event tools (:mod:`replay.driver.tools`:
+the checks, the plot's counters) are told the events the engine handles
+and the bulk accesses they ask for.
 
 **Translation cross-check (C7).** For every access that reaches the engine
 and whose walk is known, the guest-physical page the trace recorded is
@@ -47,6 +49,7 @@ from ..trace import format as fmt
 from ..trace.prefetch import Prefetch
 from ..trace.reader import Chunk, TraceReader
 from .fastpath import FastPath
+from .tools import EventTool, ToolSet
 
 #: Kinds that bump the plugin's dedup epoch (plus CR3_CURRENT, conservatively).
 EPOCH_KINDS: tuple[int, ...] = tuple(int(k) for k in (
@@ -156,8 +159,10 @@ class Replayer(FastPath):
     :param max_mismatches: how many :class:`Mismatch` samples to keep.
     :param fast: take runs of accesses the engine already allowed in bulk
         (the fast path, see the module). False feeds every event that
-        survives dedup one by one, as with an ``after_event`` observer; the
-        results are the same (tests compare the two).
+        survives dedup one by one and tells every tool every event: the
+        reference the tests compare the fast path with.
+    :param tools: event tools (:mod:`replay.driver.tools`); more with
+        :meth:`add_tool`.
     """
 
     def __init__(
@@ -168,12 +173,14 @@ class Replayer(FastPath):
         check_translation: bool = True,
         max_mismatches: int = 1000,
         fast: bool = True,
+        tools: Iterable[EventTool] = (),
     ) -> None:
         self.engine = engine if engine is not None else ShadowEngine()
         self.dedup = dedup
         self.check_translation = check_translation
         self.max_mismatches = max_mismatches
         self.fast = fast
+        self.tools = ToolSet(tools)
         #: Accesses the fast path took in bulk, without calling the engine
         #: (a diagnostic, not a result: it differs between the two paths).
         self.bulk_accesses = 0
@@ -189,6 +196,10 @@ class Replayer(FastPath):
         #: ... and translation keys that matched, per (layout, CR3s).
         self._matched: dict[tuple[object, ...], set[int | bytes]] = {}
         self._matched_layout = -1
+
+    def add_tool(self, tool: EventTool) -> None:
+        """Tell ``tool`` the events (see :mod:`replay.driver.tools`); once."""
+        self.tools.add(tool)
 
     # -- driving ---------------------------------------------------------
     def run(self, chunks: Iterable[Chunk]) -> ReplayStats:
@@ -297,14 +308,14 @@ class Replayer(FastPath):
 
     # -- the per-event loop ------------------------------------------------
     def _loop(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
-        if self.fast and self.engine.after_event is None and len(rows):
+        if self.fast and len(rows):
             self._loop_fast(chunk, rows)
             return
         eng = self.engine
         vcpus = eng.vcpus
         check = self.check_translation
         first = chunk.first
-        hook = eng.after_event
+        hook = self.tools.tell if self.tools else None
         cols = zip(
             rows.tolist(), chunk.kind[rows].tolist(), chunk.vcpu[rows].tolist(),
             chunk.info[rows].tolist(), chunk.va[rows].tolist(), chunk.pa[rows].tolist(),

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..driver.replayer import Replayer
+from ..driver.tools import NO_ACCESSES, Interest
 from ..shadow.config import engine_config
 from ..shadow.engine import ShadowEngine
 from ..shadow.types import Fact, ShadowType
@@ -96,8 +97,12 @@ class _Counter:
                 self.pool.append((f.event, frame_type[1], -1))
             self.live.clear()
 
-    def event(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int, val: int,
-              marker: list[str] | None) -> None:
+    def interest(self) -> Interest:
+        """Event tool: the engine's events only (counters change at those)."""
+        return NO_ACCESSES
+
+    def on_event(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int,
+                 val: int, marker: list[str] | None) -> None:
         c = self.counters
         faults, prefetches = c["shadow_fault"], c["shadow_prefetch"]
         if faults != self._faults:
@@ -119,8 +124,7 @@ def collect(reader: TraceReader, config: Any, *, bins: int = 400) -> Series:
     counter = _Counter()
     engine = ShadowEngine(config, on_fact=counter.fact)
     counter.counters = engine.counters
-    engine.after_event = counter.event
-    Replayer(engine).run(reader)
+    Replayer(engine, tools=[counter]).run(reader)
     events = reader.events
     edges = np.unique(np.linspace(0, max(events, 1), bins + 1).round().astype(np.int64))
 

@@ -34,7 +34,6 @@ from .types import (
     SH_ADDR,
     SH_FL1,
     SH_P,
-    EventHook,
     Fact,
     FactSink,
     FaultHook,
@@ -69,10 +68,6 @@ class EngineState:
         #: ``refuse_leaf(vcpu, target_frame, fetch)`` for every present leaf
         #: about to be propagated; True makes the shadow entry empty.
         self.refuse_leaf: Callable[[int, int, Fetch], bool] | None = None
-        #: Observer hook the Replayer calls after each event it feeds, as
-        #: ``after_event(index, kind, vcpu, info, va, pa, val, marker)``
-        #: (marker: the MARKER's [name, args...], else None); replay.analysis.checks.
-        self.after_event: EventHook | None = None
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.facts: list[Fact] = []
         self.hazards: list[Hazard] = []

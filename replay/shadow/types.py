@@ -199,4 +199,3 @@ FAULT_OUTCOMES: Final = (
 )
 #: ``on_fault(event, vcpu, va, write, outcome, write_access_removed)``.
 FaultHook = Callable[[int, int, int, bool, str, bool], None]
-EventHook = Callable[[int, int, int, int, int, int, int, list[str] | None], None]

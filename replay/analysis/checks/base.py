@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ...driver.replayer import Replayer
+from ...driver.tools import NO_ACCESSES, Interest
 from ...guest.memory import cr3_root
 from ...shadow.engine import ShadowEngine
 from ...shadow.types import Fact, ShadowType
@@ -57,6 +58,9 @@ class CheckerBase:
         self._finished = False
         self._c7_done = False
         self._start_seen = False
+        #: interest(): the key it was built from, and the object
+        self._interest_key: tuple[Any, ...] | None = None
+        self._interest: Interest = NO_ACCESSES
         # guest-table scans
         self._scans: dict[int, RootScan] = {}
         self._frame_roots: dict[int, set[int]] = {}

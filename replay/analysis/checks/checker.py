@@ -1,20 +1,22 @@
 """Secure-page leak checks C1-C8 (``shared/LEAK-CHECKS.md``) over a replay.
 
-A :class:`Checker` watches a :class:`~replay.driver.replayer.Replayer` run: the
-events that reach the engine (``ShadowEngine.after_event``, which the
-replayer calls), the engine's facts (``ShadowEngine.on_fact``), its hazards,
+A :class:`Checker` watches a :class:`~replay.driver.replayer.Replayer` run as
+one of its event tools (:mod:`replay.driver.tools`: the events the engine
+handles, and the accesses to secure frames and to VAs waiting to be
+resolved), the engine's facts (``ShadowEngine.on_fact``), its hazards,
 and the guest table model. It keeps
 the secure specification (:class:`~replay.analysis.secure.SecureRegistry`) up to date
 from spec strings and trace markers, and produces :class:`Finding` records::
 
     engine = ShadowEngine(config)
     checker = Checker(engine, secure=["root:0x2864000"], policy=False)
-    replayer = Replayer(engine)
+    replayer = Replayer(engine, tools=[checker])
     replayer.run(reader)
     checker.finish(replayer.stats)      # stats: for C7
     checker.findings, checker.summary()
 
-(or ``Checker(specs=...)`` then ``checker.attach(replayer)``; then
+(or ``Checker(specs=...)`` then ``checker.attach(replayer)``, which also
+makes it one of the replayer's tools; then
 ``finish()`` finds the stats itself; :func:`check_file` does it all).
 
 Cost model. Nothing runs per event while no frame or root is registered
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ...driver.replayer import Replayer, ReplayStats
+from ...driver.tools import NO_ACCESSES, Interest
 from ...guest.memory import PAGE_SHIFT, WalkStatus, cr3_root
 from ...shadow.config import EngineConfig
 from ...shadow.engine import ShadowEngine
@@ -82,7 +85,8 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
     def attach(self, target: ShadowEngine | Replayer) -> None:
         """Hook into an engine (or a replayer's engine) before the replay.
 
-        Sets ``engine.after_event`` (the Replayer calls it per event),
+        Given a replayer, becomes one of its event tools (given an engine,
+        the caller passes the checker to the replayer's ``tools``); sets
         ``engine.refuse_leaf`` in policy mode, and routes engine facts to
         the checker: as ``engine.on_fact`` when there is none, added to a
         fact hub (anything with ``add``), else chained after the existing
@@ -92,6 +96,7 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
         """
         if isinstance(target, Replayer):
             self.replayer = target
+            target.add_tool(self)
             eng = target.engine
         else:
             eng = target
@@ -107,7 +112,6 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
             self._chained = sink
             eng.on_fact = self
         eng._facts_on = True  # facts must flow even with record_facts off
-        eng.after_event = self.on_event
         if self.policy:
             eng.refuse_leaf = self._refuse
         self._take_hazards()
@@ -134,9 +138,27 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
     # ------------------------------------------------------------------ #
     # The event hook                                                       #
     # ------------------------------------------------------------------ #
+    def interest(self) -> Interest:
+        """Event tool: besides the engine's events, the accesses to frames in
+        S (C2) and, while VAs wait to be resolved, those at their pages (all
+        accesses until the first one when no start marker came first)."""
+        reg = self.registry
+        key = (reg.version, self._start_seen,
+               tuple(p.va for p in reg.pending if p.armed) if reg.pending else ())
+        if key != self._interest_key:
+            self._interest_key = key
+            if not reg.frames and not reg.pending:
+                self._interest = NO_ACCESSES
+            else:
+                self._interest = Interest(
+                    accesses=bool(reg.pending) and not self._start_seen,
+                    frames=frozenset(reg.frames),
+                    pages=frozenset(va >> PAGE_SHIFT for va in key[2]))
+        return self._interest
+
     def on_event(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int,
                  val: int, marker: list[str] | None) -> None:
-        """Replayer hook: called after the engine processed event ``index``."""
+        """Event tool: called after the engine took event ``index``."""
         self._event = index
         reg = self.registry
         if kind in _CR3_KINDS:

@@ -1,0 +1,132 @@
+"""Event tools: analyses that say which events they must see one by one.
+
+An event tool (the checks, the plot's counters) is told events through
+``on_event(index, kind, vcpu, info, va, pa, val, marker)`` (marker: the
+MARKER's ``[name, args...]``, else None), always after the engine has taken
+the event. Which events it is told, in trace order:
+
+* every event the engine handles itself: every event that is not an
+  access, and every access the replayer hands to the engine (a fault, a
+  first use of a page under the current shadows...). Engine facts, hazards
+  and every counter but ``accesses`` change only at these;
+* of the accesses the replayer takes in bulk (the engine would only count
+  them), those its :class:`Interest` names: every access, or those to
+  given guest frames (``pa >> 12``) or at given virtual pages (``va >> 12``).
+
+A tool's interest may change only while it is told an event (or in a chunk
+observer's hooks): the replayer asks for it again after each ``on_event``.
+A tool returns the same :class:`Interest` object while nothing changed, so
+asking is cheap. The event-by-event reference path
+(``Replayer(fast=False)``) tells every tool every event; what a tool
+computes must not depend on the accesses it did not ask for (tests replay
+every recorded trace both ways and compare).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Interest:
+    """The bulk accesses a tool must be told (beyond the engine's events)."""
+
+    #: Every access.
+    accesses: bool = False
+    #: Accesses to these guest frames (``pa >> 12``).
+    frames: frozenset[int] = field(default_factory=frozenset)
+    #: Accesses at these virtual pages (``va >> 12``, all 64 bits).
+    pages: frozenset[int] = field(default_factory=frozenset)
+
+    def __bool__(self) -> bool:
+        return self.accesses or bool(self.frames) or bool(self.pages)
+
+
+#: A tool that wants no bulk access.
+NO_ACCESSES = Interest()
+
+
+class EventTool(Protocol):
+    """What the replayer needs of an event tool (see the module)."""
+
+    def interest(self) -> Interest: ...
+
+    def on_event(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int,
+                 val: int, marker: list[str] | None) -> None: ...
+
+
+def is_tool(obj: object) -> bool:
+    """Whether ``obj`` is an event tool (has both methods)."""
+    return callable(getattr(obj, "on_event", None)) and callable(getattr(obj, "interest", None))
+
+
+class ToolSet:
+    """The replayer's tools and their joint interest.
+
+    :meth:`refresh` re-reads every tool's interest (cheap when none changed);
+    :meth:`select` picks, from a run of bulk accesses, the ones some tool
+    wants; :meth:`wants` answers for one access."""
+
+    def __init__(self, tools: Iterable[EventTool] = ()) -> None:
+        self.tools: list[EventTool] = list(tools)
+        self._seen: list[Interest] = []
+        self.any = False
+        self.all = False
+        #: Bumped whenever the joint interest changes.
+        self.version = 0
+        self.frames: frozenset[int] = frozenset()
+        self.pages: frozenset[int] = frozenset()
+        self._frames_np: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        self._pages_np: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        self.refresh()
+
+    def add(self, tool: EventTool) -> None:
+        if not any(t is tool for t in self.tools):
+            self.tools.append(tool)
+            self.refresh()
+
+    def __bool__(self) -> bool:
+        return bool(self.tools)
+
+    def refresh(self) -> None:
+        """Read the tools' interests again; rebuild the joint one if any changed."""
+        now = [t.interest() for t in self.tools]
+        if len(now) == len(self._seen) and all(
+                a is b for a, b in zip(now, self._seen, strict=True)):
+            return
+        self._seen = now
+        self.version += 1
+        self.all = any(i.accesses for i in now)
+        self.frames = frozenset().union(*(i.frames for i in now))
+        self.pages = frozenset().union(*(i.pages for i in now))
+        self.any = self.all or bool(self.frames) or bool(self.pages)
+        self._frames_np = np.array(sorted(self.frames), dtype=np.uint64)
+        self._pages_np = np.array(sorted(self.pages), dtype=np.uint64)
+
+    def tell(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int, val: int,
+             marker: list[str] | None) -> None:
+        """Tell every tool one event, then read their interests again."""
+        for t in self.tools:
+            t.on_event(index, kind, vcpu, info, va, pa, val, marker)
+        self.refresh()
+
+    def wants(self, frame: int, page: int) -> bool:
+        """Whether some tool wants the access to ``frame`` at virtual ``page``."""
+        return self.all or frame in self.frames or page in self.pages
+
+    def select(self, frames: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint64]
+               ) -> npt.NDArray[np.intp]:
+        """Positions (into the two arrays, one entry per access) some tool wants."""
+        if self.all:
+            return np.arange(len(frames), dtype=np.intp)
+        hit = np.zeros(len(frames), dtype=bool)
+        if len(self._frames_np):
+            hit |= np.isin(frames, self._frames_np)
+        if len(self._pages_np):
+            hit |= np.isin(pages, self._pages_np)
+        return np.flatnonzero(hit)
