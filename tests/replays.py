@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from replay.analysis.checks.checker import Checker
 from replay.analysis.golden import observed, read_expectation, write_expectation
 from replay.driver.replayer import Replayer, ReplayStats
-from replay.analysis.checks.checker import Checker
 from replay.session import Replay, ReplayOptions, check_options, console_text, replay
 from replay.shadow.engine import ShadowEngine
 from replay.shadow.types import Fact

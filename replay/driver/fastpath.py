@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _READ, _WRITE, _FETCH = int(fmt.Kind.READ), int(fmt.Kind.WRITE), int(fmt.Kind.FETCH)
 _WINDOW_OPEN = int(fmt.Kind.WINDOW_OPEN)
 _MARKER = int(fmt.Kind.MARKER)
+_TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 #: Fast path: runs of at most this many accesses between other events are
 #: taken one by one (cheaper than in bulk when short).
 _SHORT_RUN = 8
@@ -99,6 +100,9 @@ class FastPath:
     _by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]]
     _matched: dict[tuple[object, ...], set[int | bytes]]
     _matched_layout: int
+    _walked: set[int]
+    _stale: bool
+    _ok_a: set[int]
 
     if TYPE_CHECKING:
         def _c7(self, index: int, vcpu: int, va: int, pa: int,
@@ -108,27 +112,39 @@ class FastPath:
 
     def _tokens(self, c7_vcpus: list[VCpu]) -> tuple[set[int], set[int | bytes]]:
         """The fast path's sets for the engine's state now (C7 looks at the
-        CR3s of ``c7_vcpus``, as the per-event loop does)."""
+        CR3s of ``c7_vcpus``, as the per-event loop does).
+
+        The allowed set is looked up again only when the engine was called
+        since (``_stale``: nothing else changes its state). The matched
+        translations are kept across table changes that touched no frame
+        their walks read (``_walked``, :meth:`GuestMemory.layout_changes`)."""
         eng = self.engine
-        log = eng.leaf_log
-        if eng.restrict_gen != self._allowed_gen:
-            self._allowed = {}
-            self._by_leaf = {}
-            self._allowed_gen = eng.restrict_gen
-            log.clear()
-        elif log:
-            by_leaf = self._by_leaf
-            for leaf in log:
-                for ok, key in by_leaf.pop(leaf, ()):
-                    ok.discard(key)
-            log.clear()
-        ok_a = self._allowed.setdefault(eng.access_token(), set())
-        layout = eng.guest.layout
+        if self._stale:
+            self._stale = False
+            log = eng.leaf_log
+            if eng.restrict_gen != self._allowed_gen:
+                self._allowed = {}
+                self._by_leaf = {}
+                self._allowed_gen = eng.restrict_gen
+                log.clear()
+            elif log:
+                by_leaf = self._by_leaf
+                for leaf in log:
+                    for ok, key in by_leaf.pop(leaf, ()):
+                        ok.discard(key)
+                log.clear()
+            self._ok_a = self._allowed.setdefault(eng.access_token(), set())
+        guest = eng.guest
+        layout = guest.layout
         if layout != self._matched_layout:
-            self._matched = {}
+            changed = guest.layout_changes(self._matched_layout)
+            if (changed is None or guest.ALL_FRAMES in changed
+                    or not self._walked.isdisjoint(changed)):
+                self._matched = {}
+                self._walked = set()
             self._matched_layout = layout
         ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
-        return ok_a, ok_c
+        return self._ok_a, ok_c
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
         """:meth:`_loop` with runs of accesses in bulk.
@@ -141,6 +157,8 @@ class FastPath:
         they want right after it is counted."""
         eng = self.engine
         counters = eng.counters
+        guest = eng.guest
+        pt_types = eng.pt_types
         # C7 reads the CR3s from the current vCPU list (a WINDOW_OPEN
         # replaces it), like the per-event loop
         c7_vcpus = eng.vcpus
@@ -266,6 +284,7 @@ class FastPath:
                         pa >> PAGE_SHIFT, va >> PAGE_SHIFT):
                     tell(j)
                 return True
+            self._stale = True
             allowed = eng.access(index, vcpu, kind, va, info, pa)
             if allowed:
                 leaf = eng.allowed_leaf(vcpu, va)
@@ -329,8 +348,19 @@ class FastPath:
             if b < len(L_i):
                 kind = kind_at(b)
                 i, val = L_i[b], chunk.val.item(L_i[b])
-                self._other(chunk, first + i, kind, L_vcpu[b], info_at(b), va_at(b),
-                            pa_at(b), chunk.pc.item(i), val)
+                pa = pa_at(b)
+                if kind == _TABLE_WRITE and pa >> PAGE_SHIFT not in pt_types:
+                    # a store into a frame with no shadow: the engine would
+                    # only count it and update the guest's table
+                    # (ShadowEngine.table_write's first steps)
+                    counters["events"] += 1
+                    counters["table_writes"] += 1
+                    guest.write(pa, val)
+                    eng._event, eng._vcpu = first + i, L_vcpu[b]
+                else:
+                    self._stale = True
+                    self._other(chunk, first + i, kind, L_vcpu[b], info_at(b), va_at(b),
+                                pa, chunk.pc.item(i), val)
                 if tools is not None:
                     tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa_at(b), val,
                                chunk.markers[val] if kind == _MARKER else None)

@@ -55,6 +55,7 @@ from .tools import EventTool, ToolSet
 EPOCH_KINDS: tuple[int, ...] = tuple(int(k) for k in (
     fmt.Kind.CR3_WRITE, fmt.Kind.TABLE_WRITE, fmt.Kind.INVLPG, fmt.Kind.INVPCID,
     fmt.Kind.CR4_WRITE, fmt.Kind.WINDOW_OPEN, fmt.Kind.WINDOW_CLOSE, fmt.Kind.CR3_CURRENT,
+    fmt.Kind.UNTRACK,
 ))
 #: kind -> bumps the epoch, as a lookup table (faster than np.isin).
 _EPOCH_LUT = np.zeros(256, dtype=bool)
@@ -196,6 +197,12 @@ class Replayer(FastPath):
         #: ... and translation keys that matched, per (layout, CR3s).
         self._matched: dict[tuple[object, ...], set[int | bytes]] = {}
         self._matched_layout = -1
+        #: ... the frames the walks of those translations read ...
+        self._walked: set[int] = set()
+        #: ... and whether the engine was called since the allowed set
+        #: (``_ok_a``) was looked up.
+        self._stale = True
+        self._ok_a: set[int] = set()
 
     def add_tool(self, tool: EventTool) -> None:
         """Tell ``tool`` the events (see :mod:`replay.driver.tools`); once."""
@@ -353,7 +360,8 @@ class Replayer(FastPath):
         under the vCPU's CR3 against the trace's PA. True when they agree."""
         st = self.stats
         cr3 = vcpus[vcpu].cr3 if vcpu < len(vcpus) else None
-        model = TRANSLATE_UNKNOWN if cr3 is None else self.engine.guest.translate(cr3, va)
+        model = (TRANSLATE_UNKNOWN if cr3 is None
+                 else self.engine.guest.translate(cr3, va, self._walked))
         if model == TRANSLATE_UNKNOWN:
             st.translations_unknown += 1
             return False

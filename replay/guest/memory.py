@@ -137,12 +137,25 @@ class GuestMemory:
     entry or frame changes; ``layout`` only when something other than
     accessed/dirty bits does (callers may cache :meth:`translate` results
     against it: A/D updates by walks cannot change a translation).
+    ``layout_log`` says which frame each ``layout`` step changed, so a
+    cache of translations can keep those whose walks touched none of them.
     """
+
+    #: ``layout_log`` keeps at most about this many steps (the oldest half
+    #: is dropped beyond it; ``layout_start`` says from where it is whole).
+    LAYOUT_LOG_MAX = 1 << 14
+    #: A ``layout_log`` entry meaning "every frame" (WINDOW_OPEN).
+    ALL_FRAMES = -1
 
     def __init__(self) -> None:
         self.frames: dict[int, bytearray] = {}
         self.generation = 0
         self.layout = 0
+        #: The frame of each layout step from ``layout_start`` on: step
+        #: ``layout_start + k`` (the change that made ``layout`` that + 1)
+        #: changed frame ``layout_log[k]``.
+        self.layout_log: list[int] = []
+        self.layout_start = 0
         #: TABLE_WRITEs to frames we never saw (ignored).
         self.unknown_writes = 0
 
@@ -153,13 +166,39 @@ class GuestMemory:
             raise ValueError(f"snapshot of {len(page)} bytes, not {PAGE_SIZE}")
         self.frames[frame] = bytearray(page)
         self.generation += 1
-        self.layout += 1
+        self._layout_step(frame)
 
     def forget_all(self) -> None:
         """WINDOW_OPEN: nothing we knew can be trusted any more."""
         self.frames.clear()
         self.generation += 1
+        self._layout_step(self.ALL_FRAMES)
+
+    def forget(self, frame: int) -> bool:
+        """UNTRACK: the frame is no table any more (its next SNAPSHOT, if
+        any, tells it again). True if it was known."""
+        if self.frames.pop(frame, None) is None:
+            return False
+        self.generation += 1
+        self._layout_step(frame)
+        return True
+
+    def _layout_step(self, frame: int) -> None:
         self.layout += 1
+        log = self.layout_log
+        log.append(frame)
+        if len(log) > self.LAYOUT_LOG_MAX:
+            drop = len(log) // 2
+            del log[:drop]
+            self.layout_start += drop
+
+    def layout_changes(self, since: int) -> list[int] | None:
+        """The frames whose layout changed since ``layout`` was ``since``
+        (:data:`ALL_FRAMES` among them for a WINDOW_OPEN); None when the log
+        no longer reaches back that far."""
+        if since < self.layout_start:
+            return None
+        return self.layout_log[since - self.layout_start:]
 
     def known(self, frame: int) -> bool:
         return frame in self.frames
@@ -194,7 +233,7 @@ class GuestMemory:
             _PACK(page, off, value)
             self.generation += 1
             if (old ^ value) & ~_AD:
-                self.layout += 1
+                self._layout_step(pa >> PAGE_SHIFT)
         return old
 
     def set_bits(self, frame: int, index: int, bits: int) -> None:
@@ -206,7 +245,7 @@ class GuestMemory:
             _PACK(page, off, old | bits)
             self.generation += 1
             if bits & ~old & ~_AD:
-                self.layout += 1
+                self._layout_step(frame)
 
     # -- walking ---------------------------------------------------------
     def walk(
@@ -269,10 +308,11 @@ class GuestMemory:
                     entries[k] |= bits
         return Walk(WalkStatus.OK, va, level, frames, entries, FaultReason.NONE, gpa)
 
-    def translate(self, cr3: int, va: int) -> int:
+    def translate(self, cr3: int, va: int, walked: set[int] | None = None) -> int:
         """Guest-physical address of ``va`` ignoring rights, changing nothing
         (for cross-checks): :data:`TRANSLATE_UNKNOWN` if a frame on the path
-        is unknown, :data:`TRANSLATE_UNMAPPED` if an entry is not present."""
+        is unknown, :data:`TRANSLATE_UNMAPPED` if an entry is not present.
+        ``walked``, if given, gets every frame the walk read."""
         frames_map = self.frames
         frame = (cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT
         level = 4
@@ -280,6 +320,8 @@ class GuestMemory:
             page = frames_map.get(frame)
             if page is None:
                 return TRANSLATE_UNKNOWN
+            if walked is not None:
+                walked.add(frame)
             entry = _UNPACK(page, ((va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF) << 3)[0]
             if not entry & PTE_P:
                 return TRANSLATE_UNMAPPED

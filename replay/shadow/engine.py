@@ -116,6 +116,8 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
                 # (a guest's own marker of that name, not a number: ignored)
                 with contextlib.suppress(ValueError):
                     self.pagetable_dying(index, vcpu, int(marker[1], 16))
+        elif kind == fmt.Kind.UNTRACK:
+            self.untrack(index, vcpu, pa >> PAGE_SHIFT)
         elif kind == fmt.Kind.WINDOW_CLOSE:
             pass
         else:
@@ -125,6 +127,25 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
     def snapshot(self, index: int, pa: int, page: bytes) -> None:
         self.counters["snapshots"] += 1
         self.guest.snapshot(pa >> PAGE_SHIFT, page)
+
+    def untrack(self, index: int, vcpu: int, frame: int) -> None:
+        """UNTRACK: nothing in the guest can reach ``frame`` as a table any
+        more, and the trace stops telling its stores.
+
+        Xen cannot see that: it keeps a shadow until it unshadows the frame
+        (check_for_early_unshadow on the emulated zero writes of a
+        ``clear_page``, sh_pagetable_dying, the pool's reclaim) or until a
+        parent's emulated write drops the last reference. The plugin
+        records the first stores to a dying frame before it untracks it,
+        so those rules have run by now in the common case; a shadow still
+        there is removed here (sh_remove_shadows, as early unshadow would
+        at the next emulated zero write) and counted, since from here the
+        model could not emulate the writes Xen would trap."""
+        self.counters["untracked"] += 1
+        self.guest.forget(frame)
+        if frame in self.pt_types:
+            self.counters["shadow_unshadow_untracked"] += 1
+            self._remove_all_shadows(frame, "untracked")
 
     def window_open(self, index: int) -> None:
         """What we knew is stale: forget guest tables and every shadow (Xen's

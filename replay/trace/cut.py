@@ -70,9 +70,10 @@ _K = fmt.Kind
 _SNAPSHOT, _MARKER, _TABLE_WRITE = int(_K.SNAPSHOT), int(_K.MARKER), int(_K.TABLE_WRITE)
 _WINDOW_OPEN, _WINDOW_CLOSE = int(_K.WINDOW_OPEN), int(_K.WINDOW_CLOSE)
 _CR3_KINDS = (int(_K.CR3_WRITE), int(_K.CR3_CURRENT))
+_UNTRACK = int(_K.UNTRACK)
 #: Kinds that change what the state prefix must say.
 _STATE_KINDS = np.array(
-    [_SNAPSHOT, _TABLE_WRITE, _WINDOW_OPEN, _WINDOW_CLOSE, *_CR3_KINDS, _MARKER],
+    [_SNAPSHOT, _TABLE_WRITE, _UNTRACK, _WINDOW_OPEN, _WINDOW_CLOSE, *_CR3_KINDS, _MARKER],
     dtype=np.uint8,
 )
 #: Marker names kept from outside the range (symbols).
@@ -175,6 +176,8 @@ class _State:
                 guest.write(pa, val)
             elif k == _SNAPSHOT:
                 guest.snapshot(pa >> PAGE_SHIFT, chunk.page(val))
+            elif k == _UNTRACK:
+                guest.forget(pa >> PAGE_SHIFT)
             elif k in _CR3_KINDS:
                 self.cr3[vcpu] = val
             elif k == _WINDOW_OPEN:

@@ -24,6 +24,8 @@ Column encoding (all little-endian):
 Version history:
 
 * 1: first version.
+* 2: UNTRACK events (the plugin stops tracking a table frame nothing can
+  reach). Version 1 traces are read as they are (they have none).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import sys
 from typing import Final
 
 MAGIC: Final = "SHADOWTRACE"
-VERSION: Final = 1
+VERSION: Final = 2
+#: Versions this reader reads (the writer writes VERSION).
+READS_VERSIONS: Final = (1, 2)
 
 #: Most events one chunk may hold; writers flush at this many.
 CHUNK_EVENTS: Final = 1 << 16
@@ -84,6 +88,11 @@ class Kind(enum.IntEnum):
     WINDOW_CLOSE = 12
     #: The CR3 a vCPU holds when the window opens (not a write). val: CR3.
     CR3_CURRENT = 13
+    #: The plugin stopped tracking a table frame: no root or reachable table
+    #: links to it and every vCPU has flushed since, so no TABLE_WRITE for it
+    #: follows until a SNAPSHOT makes it a table again. pa: frame address;
+    #: val: the level it had (1..4); pc: the store that led to it (0 if none).
+    UNTRACK = 14
 
 
 #: Kinds that are memory accesses.

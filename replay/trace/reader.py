@@ -208,10 +208,11 @@ class TraceReader:
         if obj.get("magic") != fmt.MAGIC:
             raise TraceFormatError(self.path, f"bad magic {obj.get('magic')!r}", offset=offset)
         version = obj.get("version")
-        if version != fmt.VERSION:
+        if version not in fmt.READS_VERSIONS:
+            known = ", ".join(str(v) for v in fmt.READS_VERSIONS)
             raise TraceVersionError(
                 self.path,
-                f"format version {version!r}, this reader reads version {fmt.VERSION}",
+                f"format version {version!r}, this reader reads versions {known}",
                 offset=offset,
             )
         missing = [k for k in fmt.HEADER_KEYS if k not in obj]
