@@ -10,6 +10,7 @@ missing part is a failing test. Tests that boot QEMU are marked ``e2e``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -51,14 +52,17 @@ class Captured:
     stdout: str
 
 
-def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run the shadowtrace command as a user would; never raises on failure."""
+def run_cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """Run the shadowtrace command as a user would; never raises on failure.
+    ``env``: variables added to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "replay.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

@@ -103,6 +103,8 @@ class FastPath:
     _walked: set[int]
     _stale: bool
     _ok_a: set[int]
+    _ok_c: set[int | bytes]
+    _ok_c_vcpus: list[VCpu] | None
 
     if TYPE_CHECKING:
         def _c7(self, index: int, vcpu: int, va: int, pa: int,
@@ -119,7 +121,12 @@ class FastPath:
         translations are kept across table changes that touched no frame
         their walks read (``_walked``, :meth:`GuestMemory.layout_changes`)."""
         eng = self.engine
-        if self._stale:
+        guest = eng.guest
+        stale = self._stale
+        if (not stale and guest.layout == self._matched_layout
+                and self._ok_c_vcpus is c7_vcpus):
+            return self._ok_a, self._ok_c  # nothing changed since the last look
+        if stale:
             self._stale = False
             log = eng.leaf_log
             if eng.restrict_gen != self._allowed_gen:
@@ -134,7 +141,6 @@ class FastPath:
                         ok.discard(key)
                 log.clear()
             self._ok_a = self._allowed.setdefault(eng.access_token(), set())
-        guest = eng.guest
         layout = guest.layout
         if layout != self._matched_layout:
             changed = guest.layout_changes(self._matched_layout)
@@ -143,7 +149,9 @@ class FastPath:
                 self._matched = {}
                 self._walked = set()
             self._matched_layout = layout
+        # the CR3s change only in engine calls (then _stale is set)
         ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
+        self._ok_c, self._ok_c_vcpus = ok_c, c7_vcpus
         return self._ok_a, ok_c
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:

@@ -203,6 +203,9 @@ class Replayer(FastPath):
         #: (``_ok_a``) was looked up.
         self._stale = True
         self._ok_a: set[int] = set()
+        #: The matched set last handed out, and the vCPU list it was for.
+        self._ok_c: set[int | bytes] = set()
+        self._ok_c_vcpus: list[Any] | None = None
 
     def add_tool(self, tool: EventTool) -> None:
         """Tell ``tool`` the events (see :mod:`replay.driver.tools`); once."""

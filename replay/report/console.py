@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import UsageError
+
 
 class CaptureResult(Protocol):
     """What :func:`print_capture_summary` shows of a capture
@@ -85,17 +87,68 @@ def print_json(data: Any) -> None:
 # --------------------------------------------------------------------------
 # replay
 # --------------------------------------------------------------------------
-@contextlib.contextmanager
-def replay_progress(trace: Any) -> Iterator[Callable[[Any, Any], None]]:
-    """A rich progress bar on stderr while a trace replays (TTY only).
+#: Seconds between two progress lines when stderr is not a terminal
+#: (environment variable SHADOWTRACE_PROGRESS_EVERY overrides it).
+PROGRESS_EVERY = 5.0
 
-    Yields ``update(reader, chunk)``; the bar follows the reader's position
-    in the file.
+
+def progress_every() -> float:
+    """The progress interval: SHADOWTRACE_PROGRESS_EVERY or the default."""
+    import os
+
+    text = os.environ.get("SHADOWTRACE_PROGRESS_EVERY")
+    if text is None:
+        return PROGRESS_EVERY
+    try:
+        every = float(text)
+    except ValueError:
+        every = -1.0
+    if not every >= 0:
+        raise UsageError(f"SHADOWTRACE_PROGRESS_EVERY={text!r}: not a number of seconds >= 0")
+    return every
+
+
+def _position(reader: Any) -> int | None:
+    pos = getattr(reader, "position", None)
+    return int(pos) if pos is not None else None
+
+
+@contextlib.contextmanager
+def replay_progress(trace: Any, every: float | None = None
+                    ) -> Iterator[Callable[[Any, Any], None]]:
+    """Progress on stderr while a trace replays: a rich bar on a terminal,
+    else one plain line every ``every`` seconds (none for a replay that
+    ends sooner), so a long replay in a pipe or a CI log shows it is alive.
+
+    Yields ``update(reader, chunk)``; both follow the reader's position in
+    the file. ``every`` defaults to :func:`progress_every`.
     """
     import os
 
+    if every is None:
+        every = progress_every()
+    try:
+        size = os.path.getsize(trace)
+    except OSError:
+        size = None
     if not _err.is_terminal:
-        yield lambda reader, chunk: None
+        start = time.monotonic()
+        due = start + every
+
+        def line(reader: Any, chunk: Any) -> None:
+            nonlocal due
+            now = time.monotonic()
+            if now < due:
+                return
+            due = now + every
+            events = chunk.first + chunk.n
+            pos = _position(reader)
+            part = f" ({100 * pos / size:.0f}% of the file)" if pos and size else ""
+            rate = events / max(now - start, 1e-9) / 1e6
+            _err.print(Text(f"replay {trace}: {events:,} events{part}, "
+                            f"{rate:.2f} M events/s, {now - start:.0f} s"), soft_wrap=True)
+
+        yield line
         return
     from rich.progress import (
         BarColumn,
@@ -105,19 +158,13 @@ def replay_progress(trace: Any) -> Iterator[Callable[[Any, Any], None]]:
         TimeRemainingColumn,
     )
 
-    try:
-        size = os.path.getsize(trace)
-    except OSError:
-        size = None
     columns = (TextColumn("replay"), BarColumn(), TextColumn("{task.fields[events]:,} events"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_err, transient=True) as bar:
         task = bar.add_task("replay", total=size, events=0)
 
         def update(reader: Any, chunk: Any) -> None:
-            f = getattr(reader, "_file", None)
-            pos = f.tell() if f is not None and not f.closed else None
-            bar.update(task, completed=pos, events=chunk.first + chunk.n)
+            bar.update(task, completed=_position(reader), events=chunk.first + chunk.n)
 
         yield update
 

@@ -161,6 +161,11 @@ class TraceReader:
         )
         self.header = self._read_header()
 
+    @property
+    def position(self) -> int:
+        """Bytes of the file decoded so far (how far a replay has come)."""
+        return int(self._unpacker.tell())
+
     # -- context manager -------------------------------------------------
     def close(self) -> None:
         self._file.close()
