@@ -661,3 +661,35 @@ def test_on_fault_says_when_a_fault_removed_write_access() -> None:
     d.read(U, user=True)  # shadowing the L1 removes that writable mapping
     assert seen == [("fixed", False), ("fixed", True)]
     assert d.c["shadow_writeable"] == 1  # the one entry made read-only
+
+
+# --------------------------------------------------------------------------
+# UNTRACK: a table frame nothing in the guest reaches any more
+# --------------------------------------------------------------------------
+def test_untrack_of_a_frame_without_shadow_only_forgets_it() -> None:
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, DATA)
+    d = Driver()
+    d.load(t)
+    d.ev(K.UNTRACK, pa=l1 << 12, val=1)
+    assert not d.e.guest.known(l1)  # the next SNAPSHOT tells it again
+    assert d.c["untracked"] == 1
+    assert d.c["shadow_unshadow_untracked"] == 0  # it had no shadow to remove
+    # a store the plugin would no longer record is ignored, not misapplied
+    d.ev(K.TABLE_WRITE, pa=(l1 << 12) + 8, val=DATA)
+    assert d.e.guest.unknown_writes == 1
+
+
+def test_untrack_removes_a_shadow_still_there() -> None:
+    d, t, root, l3, l2, l1 = _s2()
+    assert (l1, L1) in d.e.shadows
+    d.ev(K.UNTRACK, pa=l1 << 12, val=1)
+    # Xen would still trap writes to the frame until it unshadowed it; the
+    # trace tells them no more, so the model unshadows here: the L1 shadow
+    # goes (sh_remove_shadows), and the L2 entry that pointed at it with it
+    assert (l1, L1) not in d.e.shadows
+    assert d.c["shadow_unshadow_untracked"] == 1
+    assert not d.e.is_page_table(l1)
+    assert (l2, L2) in d.e.shadows  # the parent stays: only l1 was untracked
+    assert not d.e.shadows[(l2, L2)].entries[va_index(U, 2)] & SH_P

@@ -365,13 +365,17 @@ class FastPath:
                     counters["table_writes"] += 1
                     guest.write(pa, val)
                     eng._event, eng._vcpu = first + i, L_vcpu[b]
+                    if (tools is not None and tools.tw_any
+                            and tools.wants_table_write(pa >> PAGE_SHIFT, val)):
+                        tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa, val,
+                                   None)
                 else:
                     self._stale = True
                     self._other(chunk, first + i, kind, L_vcpu[b], info_at(b), va_at(b),
                                 pa, chunk.pc.item(i), val)
-                if tools is not None:
-                    tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa_at(b), val,
-                               chunk.markers[val] if kind == _MARKER else None)
+                    if tools is not None:
+                        tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa, val,
+                                   chunk.markers[val] if kind == _MARKER else None)
                 if kind == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list
             a = b + 1

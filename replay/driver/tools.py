@@ -5,13 +5,19 @@ An event tool (the checks, the plot's counters) is told events through
 MARKER's ``[name, args...]``, else None), always after the engine has taken
 the event. Which events it is told, in trace order:
 
-* every event the engine handles itself: every event that is not an
-  access, and every access the replayer hands to the engine (a fault, a
-  first use of a page under the current shadows...). Engine facts, hazards
-  and every counter but ``accesses`` change only at these;
+* every event the engine handles itself: every event that is neither an
+  access nor a store into a frame without shadow, and every access the
+  replayer hands to the engine (a fault, a first use of a page under the
+  current shadows...). Engine facts, hazards and every counter but
+  ``accesses``, ``events`` and ``table_writes`` change only at these;
 * of the accesses the replayer takes in bulk (the engine would only count
   them), those its :class:`Interest` names: every access, or those to
-  given guest frames (``pa >> 12``) or at given virtual pages (``va >> 12``).
+  given guest frames (``pa >> 12``) or at given virtual pages (``va >> 12``);
+* of the TABLE_WRITEs into frames without shadow (the replayer applies them
+  to the guest tables itself: the engine would do nothing else), those its
+  interest names: all, those into given frames, or those whose new entry is
+  present and points at a given frame (any present large-page entry counts
+  as pointing at every frame).
 
 A tool's interest may change only while it is told an event (or in a chunk
 observer's hooks): the replayer asks for it again after each ``on_event``.
@@ -42,9 +48,13 @@ class Interest:
     frames: frozenset[int] = field(default_factory=frozenset)
     #: Accesses at these virtual pages (``va >> 12``, all 64 bits).
     pages: frozenset[int] = field(default_factory=frozenset)
-
-    def __bool__(self) -> bool:
-        return self.accesses or bool(self.frames) or bool(self.pages)
+    #: Every TABLE_WRITE into a frame without shadow.
+    table_writes: bool = False
+    #: TABLE_WRITEs into these frames.
+    table_frames: frozenset[int] = field(default_factory=frozenset)
+    #: TABLE_WRITEs whose new entry is present and points at one of these
+    #: frames (or is a present large-page entry).
+    link_targets: frozenset[int] = field(default_factory=frozenset)
 
 
 #: A tool that wants no bulk access.
@@ -81,6 +91,11 @@ class ToolSet:
         self.version = 0
         self.frames: frozenset[int] = frozenset()
         self.pages: frozenset[int] = frozenset()
+        #: Some tool wants some TABLE_WRITEs into frames without shadow.
+        self.tw_any = False
+        self.tw_all = False
+        self.tw_frames: frozenset[int] = frozenset()
+        self.tw_links: frozenset[int] = frozenset()
         self._frames_np: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
         self._pages_np: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
         self.refresh()
@@ -105,6 +120,10 @@ class ToolSet:
         self.frames = frozenset().union(*(i.frames for i in now))
         self.pages = frozenset().union(*(i.pages for i in now))
         self.any = self.all or bool(self.frames) or bool(self.pages)
+        self.tw_all = any(i.table_writes for i in now)
+        self.tw_frames = frozenset().union(*(i.table_frames for i in now))
+        self.tw_links = frozenset().union(*(i.link_targets for i in now))
+        self.tw_any = self.tw_all or bool(self.tw_frames) or bool(self.tw_links)
         self._frames_np = np.array(sorted(self.frames), dtype=np.uint64)
         self._pages_np = np.array(sorted(self.pages), dtype=np.uint64)
 
@@ -118,6 +137,15 @@ class ToolSet:
     def wants(self, frame: int, page: int) -> bool:
         """Whether some tool wants the access to ``frame`` at virtual ``page``."""
         return self.all or frame in self.frames or page in self.pages
+
+    def wants_table_write(self, frame: int, value: int) -> bool:
+        """Whether some tool wants a TABLE_WRITE of ``value`` into ``frame``
+        (a frame without shadow)."""
+        if self.tw_all or frame in self.tw_frames:
+            return True
+        if not value & 1 or not self.tw_links:  # not present
+            return False
+        return bool(value & 0x80) or (value & 0x000F_FFFF_FFFF_F000) >> 12 in self.tw_links
 
     def select(self, frames: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint64]
                ) -> npt.NDArray[np.intp]:

@@ -64,6 +64,8 @@ class CheckerBase:
         # guest-table scans
         self._scans: dict[int, RootScan] = {}
         self._frame_roots: dict[int, set[int]] = {}
+        #: Bumped when _frame_roots or _secure_only changes (interest()).
+        self._tables_version = 0
         self._watch_version = 0
         self._watched: frozenset[int] = frozenset()
         self._watched_arr: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)

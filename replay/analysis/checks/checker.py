@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ...driver.replayer import Replayer, ReplayStats
-from ...driver.tools import NO_ACCESSES, Interest
+from ...driver.tools import Interest
 from ...guest.memory import PAGE_SHIFT, WalkStatus, cr3_root
 from ...shadow.config import EngineConfig
 from ...shadow.engine import ShadowEngine
@@ -141,19 +141,24 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
     def interest(self) -> Interest:
         """Event tool: besides the engine's events, the accesses to frames in
         S (C2) and, while VAs wait to be resolved, those at their pages (all
-        accesses until the first one when no start marker came first)."""
+        accesses until the first one when no start marker came first); of
+        the stores into frames without shadow, those into tables a scan
+        covers or secure-only tables, and, while something is registered,
+        those that link a watched frame (see ``_table_write``)."""
         reg = self.registry
         key = (reg.version, self._start_seen,
-               tuple(p.va for p in reg.pending if p.armed) if reg.pending else ())
+               tuple(p.va for p in reg.pending if p.armed) if reg.pending else (),
+               self._tables_version, self._watch_version, reg.active)
         if key != self._interest_key:
             self._interest_key = key
-            if not reg.frames and not reg.pending:
-                self._interest = NO_ACCESSES
-            else:
-                self._interest = Interest(
-                    accesses=bool(reg.pending) and not self._start_seen,
-                    frames=frozenset(reg.frames),
-                    pages=frozenset(va >> PAGE_SHIFT for va in key[2]))
+            active = reg.active
+            self._interest = Interest(
+                accesses=bool(reg.pending) and not self._start_seen,
+                frames=frozenset(reg.frames),
+                pages=frozenset(va >> PAGE_SHIFT for va in key[2]),
+                table_frames=frozenset(self._frame_roots).union(
+                    self._secure_only if active else ()),
+                link_targets=self._watched if active else frozenset())
         return self._interest
 
     def on_event(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int,
@@ -187,6 +192,7 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
         elif kind == _K.WINDOW_OPEN:
             self._scans.clear()
             self._frame_roots.clear()
+            self._tables_version += 1
             self._sec_sh.clear()
         elif kind in _CR3_KINDS and reg.active:
             root = cr3_root(val)
@@ -288,6 +294,7 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
         if not reg.active:
             self._secure_tables = set()
             self._secure_only = set()
+            self._tables_version += 1
             return
         self._scan_shadows_for_secure(index, vcpu)
         roots = set(self._loaded_roots())
@@ -307,7 +314,8 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
             if self.registry.active:
                 roots = set(self._loaded_roots())
                 roots.update(k[0] for k in self._eng().shadows if k[1] == L4)
-                self._evaluate(roots, self._event, -1)
+                # the last event the replay fed (tools are not told them all)
+                self._evaluate(roots, self._eng()._event, -1)
         if stats is None and self.replayer is not None:
             stats = self.replayer.stats
         if stats is not None:

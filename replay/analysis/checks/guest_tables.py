@@ -37,11 +37,13 @@ class GuestTableChecks(CheckerBase):
         self._scans[root] = scan
         for t in scan.tables:
             self._frame_roots.setdefault(t, set()).add(root)
+        self._tables_version += 1
         return scan
 
     def _dirty(self, frame: int) -> None:
         roots = self._frame_roots.pop(frame, None)
         if roots:
+            self._tables_version += 1
             for r in roots:
                 self._scans.pop(r, None)
 
@@ -75,6 +77,7 @@ class GuestTableChecks(CheckerBase):
             if r not in R and self._fresh(s):
                 ns_tables.update(s.tables)
         self._secure_only = self._secure_tables - ns_tables
+        self._tables_version += 1
         sec_scans = [self._scan(r) for r in R]
         for r, scan in scans.items():
             secure = r in R

@@ -1,4 +1,4 @@
-"""Replay benchmark: ``python -m replay.bench`` (``make bench-replay``).
+"""The synthetic part of the replay benchmark (``make bench-replay``).
 
 Writes a synthetic trace of 10 million accesses in the real format, built
 in bulk with numpy (chunk maps encoded with :mod:`replay.trace.columns`, exactly
@@ -20,9 +20,7 @@ pages accessed in bursts of repeats.
 
 from __future__ import annotations
 
-import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +30,12 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from .driver.replayer import Replayer
-from .shadow.config import EngineConfig
-from .shadow.engine import ShadowEngine
-from .trace import columns
-from .trace import format as fmt
-from .trace.reader import TraceReader
+from ..driver.replayer import Replayer
+from ..shadow.config import EngineConfig
+from ..shadow.engine import ShadowEngine
+from ..trace import columns
+from ..trace import format as fmt
+from ..trace.reader import TraceReader
 
 K = fmt.Kind
 DIRECT_MAP = 0xFFFF_8880_0000_0000
@@ -204,53 +202,42 @@ def write_trace(path: Path, accesses: int, seed: int = 1) -> dict[str, int]:
     return {"events": events, "accesses": n_access, "chunks": seq}
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def rss_mib() -> float:
+    """Peak memory of this process so far (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m replay.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--accesses", type=int, default=10_000_000)
-    ap.add_argument("--keep", type=Path, help="write the trace here and keep it")
-    ap.add_argument("--no-dedup", action="store_true", help="replay without canonical dedup")
-    args = ap.parse_args(argv)
+def run(accesses: int, dedup: bool = True, keep: Path | None = None) -> list[str]:
+    """Write the synthetic trace, decode it, replay it with a bare
+    :class:`Replayer` (no tools); the report's lines."""
+    out: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.keep or Path(tmp) / "bench.trace"
+        path = keep or Path(tmp) / "bench.trace"
         t0 = time.perf_counter()
-        counts = write_trace(path, args.accesses)
+        counts = write_trace(path, accesses)
         t_write = time.perf_counter() - t0
         size = path.stat().st_size
-        print(f"trace: {counts['events']:,} events ({counts['accesses']:,} accesses), "
-              f"{counts['chunks']:,} chunks, {size / 2**20:.1f} MiB "
-              f"({size / counts['accesses']:.2f} B/access), written in {t_write:.1f} s")
-        rss0 = _rss_mib()
+        out.append(f"trace: {counts['events']:,} events ({counts['accesses']:,} accesses), "
+                   f"{counts['chunks']:,} chunks, {size / 2**20:.1f} MiB "
+                   f"({size / counts['accesses']:.2f} B/access), written in {t_write:.1f} s")
+        rss0 = rss_mib()
         t0 = time.perf_counter()
         n = 0
         with TraceReader(path) as reader:
             for chunk in reader:
                 n += chunk.n
         t_dec = time.perf_counter() - t0
-        print(f"decode: {n / t_dec / 1e6:.1f} M events/s ({t_dec:.2f} s)")
+        out.append(f"decode: {n / t_dec / 1e6:.1f} M events/s ({t_dec:.2f} s)")
         cfg = EngineConfig(record_facts=False)
-        rep = Replayer(ShadowEngine(cfg), dedup=not args.no_dedup)
+        rep = Replayer(ShadowEngine(cfg), dedup=dedup)
         t0 = time.perf_counter()
         with TraceReader(path) as reader:
             st = rep.run(reader)
         t_rep = time.perf_counter() - t0
         eng = rep.engine
-        print(f"replay: {st.accesses / t_rep / 1e6:.2f} M accesses/s ({t_rep:.2f} s; "
-              f"{st.deduplicated:,} repeats dropped, {eng.counters['accesses']:,} accesses "
-              f"reached the engine, {eng.counters['shadow_fault']:,} shadow faults, "
-              f"C7 mismatches {st.translation_mismatches})")
-        print(f"peak memory: {_rss_mib():.0f} MiB ru_maxrss (after writing: {rss0:.0f} MiB)")
-    ok_dec = n / t_dec >= 50e6
-    ok_rep = st.accesses / t_rep >= 5e6
-    ok_mem = _rss_mib() <= 1024
-    print(f"targets: decode >= 50M/s {'ok' if ok_dec else 'MISSED'}, "
-          f"replay >= 5M/s {'ok' if ok_rep else 'MISSED'}, "
-          f"peak <= 1 GiB {'ok' if ok_mem else 'MISSED'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        out.append(f"bare replay: {st.accesses / t_rep / 1e6:.2f} M accesses/s ({t_rep:.2f} s; "
+                   f"{st.deduplicated:,} repeats dropped, {eng.counters['accesses']:,} accesses "
+                   f"reached the engine, {eng.counters['shadow_fault']:,} shadow faults, "
+                   f"C7 mismatches {st.translation_mismatches})")
+        out.append(f"peak memory: {rss_mib():.0f} MiB ru_maxrss (after writing: {rss0:.0f} MiB)")
+    return out
