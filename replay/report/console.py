@@ -86,15 +86,15 @@ def print_json(data: Any) -> None:
 # replay
 # --------------------------------------------------------------------------
 @contextlib.contextmanager
-def replay_progress(trace: Any) -> Iterator[Callable[[Any, Any], None]]:
-    """A rich progress bar on stderr while a trace replays (TTY only).
+def replay_progress(trace: Any, enabled: bool = True) -> Iterator[Callable[[Any, Any], None]]:
+    """A rich progress bar on stderr while a trace replays (TTY only, if ``enabled``).
 
     Yields ``update(reader, chunk)``; the bar follows the reader's position
     in the file.
     """
     import os
 
-    if not _err.is_terminal:
+    if not enabled or not _err.is_terminal:
         yield lambda reader, chunk: None
         return
     from rich.progress import (
