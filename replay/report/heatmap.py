@@ -11,6 +11,7 @@ several), a cell is the **maximum** over those rows, and the figure says so
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,8 @@ def draw_heatmap(data: HeatmapData, out: Path) -> None:
         ax.set_ylabel(data.spec.y)
         title = data.column
         if data.max_over:
-            title += f"\n({data.note()})"
-        ax.set_title(title)
+            title += "\n" + textwrap.fill(f"({data.note()})", width=int(8 * width))
+        ax.set_title(title, fontsize=10)
         finite = grid[np.isfinite(grid)]
         middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
         for i, row in enumerate(data.values):

@@ -139,8 +139,11 @@ def _client(address: str | None, workers: int) -> Iterator[Any]:
         finally:
             client.close()
         return
+    # loopback only; the scheduler's HTTP server (the dashboard, when bokeh is
+    # installed) on a free port, not 8787, which another cluster may hold
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.CRITICAL)
+                           host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                           silence_logs=logging.CRITICAL)
     try:
         client = Client(cluster)
         try:
