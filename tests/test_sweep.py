@@ -148,6 +148,52 @@ def test_heatmap_is_built_from_the_table(swept: tuple[pl.DataFrame, Path, str]) 
     assert agg.note() == "max over virtual_tlb (2 values)"
 
 
+#: The variant expectation files of private-root with the list in force from
+#: secure-root, by (out_of_sync, virtual_tlb) (traces/configs/targets*.toml).
+SECURE_GOLDENS = {
+    (True, True): "targets", (False, True): "targets-no-oos", (True, False): "targets-no-vtlb",
+    (False, False): "targets-no-oos-no-vtlb",
+}
+C6_KINDS = ("no-shadow-for-target", "oos-stale", "vtlb-live")
+
+
+def _readme_sweep_rows() -> list[list[str]]:
+    lines = (TOP / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("| cr3_targets_active | out_of_sync | virtual_tlb |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_readme_sweep_table(swept: tuple[pl.DataFrame, Path, str]) -> None:
+    """The README's "Sweeps" table: the ``always`` rows are this sweep's (BASE
+    lists the roots from the start), the ``secure`` rows the regression
+    suite's expectation files of the same configurations."""
+    df, _, _ = swept
+    rows = _readme_sweep_rows()
+    assert len(rows) == 8  # 2 x 2 x 2: cr3_targets_active x out_of_sync x virtual_tlb
+    for active, oos_text, vtlb_text, high, *cells in rows:
+        oos, vtlb = oos_text == "true", vtlb_text == "true"
+        want = [int(high), *(int(c) for c in cells)]
+        if active == "always":
+            r = df.filter((pl.col("out_of_sync") == oos) & (pl.col("virtual_tlb") == vtlb)
+                          ).row(0, named=True)
+            got = [r["C6/high"], *(r.get(f"C6/high/{k}", 0) for k in C6_KINDS), r["C6/info"]]
+        else:
+            assert active == "secure"
+            name = f"private-root+{SECURE_GOLDENS[(oos, vtlb)]}.expected.json"
+            found = json.loads((TOP / "traces" / "variants" / name).read_text())
+            f = found["expected"]["findings"]
+            got = [sum(n for k, n in f.items() if k.startswith("C6/high/")),
+                   *(f.get(f"C6/high/{k}", 0) for k in C6_KINDS),
+                   sum(n for k, n in f.items() if k.startswith("C6/info/"))]
+        assert got == want, (active, oos, vtlb)
+
+
 @pytest.mark.parametrize(("sets", "words"), [
     (["out_of_sync"], ["expected KEY=V1,V2"]),
     (["no_such_knob=1"], ["unknown engine option 'no_such_knob'", "out_of_sync", "pool_pages"]),
