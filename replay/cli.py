@@ -1,7 +1,8 @@
 """The ``shadowtrace`` command: wiring only.
 
 Every expected failure (bad option, bad trace, missing set-up, guest trouble)
-ends as one line on stderr and exit status 1 (2 for bad usage).
+ends as one line on stderr and exit status 1 (2 for bad usage: what argparse
+rejects, and :class:`~replay.errors.ArgumentError`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ShadowtraceError
+from .errors import ArgumentError, ShadowtraceError
 from .session import DEFAULT_CONSOLE_REGEX
 
 
@@ -96,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--config", type=Path, help="engine config (TOML or JSON)")
     cmp.add_argument("--json", type=Path, metavar="FILE", help="write the comparison as JSON")
     cmp.set_defaults(func=_compare)
+
+    swp = sub.add_parser("sweep", help="replay traces under every combination of engine "
+                         "options, on Dask; one Parquet row per replay")
+    swp.add_argument("trace", type=Path, nargs="+")
+    swp.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                     help="an engine option (a key of the config file) and its values; "
+                     "repeatable, every combination is replayed")
+    swp.add_argument("--out", type=Path, required=True, metavar="FILE.parquet",
+                     help="the table to write (one row per trace and configuration)")
+    swp.add_argument("--address", metavar="SCHEDULER",
+                     help="a running Dask scheduler (tcp://HOST:PORT); default: a local "
+                     "cluster of worker processes, closed at the end")
+    swp.add_argument("--workers", type=int, metavar="N",
+                     help="local worker processes (default: cores or replays, the fewer)")
+    swp.add_argument("--plot", metavar="KEY1,KEY2:MEASURE",
+                     help="a heatmap of MEASURE (a column, e.g. C6) over two swept keys")
+    swp.add_argument("--plot-out", type=Path, metavar="FILE.png",
+                     help="where the heatmap goes (default: --out with .png)")
+    _add_replay_options(swp)
+    swp.set_defaults(func=_sweep)
 
     plot = sub.add_parser("plot", help="draw a PNG timeline of a replay")
     plot.add_argument("trace", type=Path)
@@ -301,6 +322,46 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """``shadowtrace sweep``: see replay.sweep."""
+    import time
+
+    from .errors import ArgumentError, UsageError
+    from .report.heatmap import draw_heatmap, heatmap_data, parse_plot
+    from .sweep.grid import parse_grid
+    from .sweep.progress import print_summary, sweep_progress
+    from .sweep.run import run, tasks
+    from .sweep.table import frame, write
+
+    grid = parse_grid(args.set)
+    spec = parse_plot(args.plot, grid.keys) if args.plot else None
+    if args.workers is not None and args.workers < 1:
+        raise ArgumentError(f"--workers {args.workers}: must be at least 1")
+    if args.address is not None and args.workers is not None:
+        raise ArgumentError("--workers is for the local cluster, not with --address")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: {err.strerror}") from None
+    args.trace, traces = args.trace[0], args.trace  # _options takes one trace
+    todo = tasks(traces, grid, _options(args))
+    start = time.monotonic()
+    with sweep_progress(len(todo)) as done:
+        rows = run(todo, address=args.address, workers=args.workers, on_done=done)
+    df = frame(rows)
+    write(df, args.out)
+    print_summary(df, grid.keys)
+    print(f"{args.out}: {len(rows)} rows ({len(traces)} trace(s) x {len(grid)} "
+          f"configuration(s)) in {time.monotonic() - start:.1f} s")
+    if spec is not None:
+        data = heatmap_data(df, spec, grid.keys)
+        png = args.plot_out or args.out.with_suffix(".png")
+        draw_heatmap(data, png)
+        note = f"; each cell the {data.note()}" if data.max_over else ""
+        print(f"{png}: {data.column} over {spec.x} x {spec.y}{note}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     """``shadowtrace plot``: see replay.report.plot."""
     from .errors import UsageError
@@ -323,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except ArgumentError as err:
+        sys.stderr.write(f"shadowtrace: {err}\n")
+        return 2
     except ShadowtraceError as err:
         sys.stderr.write(f"shadowtrace: {err}\n")
         return 1

@@ -7,6 +7,7 @@
      |    +-- TraceFormatError  bytes that are not a valid trace
      |    +-- TraceVersionError a valid trace of a version this reader lacks
      +-- UsageError             a bad option or argument
+          +-- ArgumentError     one the argument parser cannot tell (exit 2)
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ class ShadowtraceError(Exception):
 
 class UsageError(ShadowtraceError):
     """A bad command-line option or argument."""
+
+
+class ArgumentError(UsageError):
+    """A malformed argument found after parsing (``sweep --set``): the command
+    exits with status 2, as for the argument parser's own errors."""
 
 
 class TraceError(ShadowtraceError):

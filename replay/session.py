@@ -1,7 +1,7 @@
 """One replay, wired once: the code every command that replays a trace uses.
 
-``shadowtrace replay``, ``check`` and ``compare`` (and ``plot`` for the
-engine configuration) build a :class:`ReplayOptions` and call
+``shadowtrace replay``, ``check``, ``compare`` and ``sweep`` (and ``plot``
+for the engine configuration) build a :class:`ReplayOptions` and call
 :func:`replay`; nothing else puts an engine, its fact consumers, the checks
 and the replayer together.
 """
@@ -43,6 +43,11 @@ class ReplayOptions:
     json: Path | None = None
     parquet: Path | None = None
     allow_truncated: bool = False
+    #: Engine options over the config file's (one configuration of
+    #: ``shadowtrace sweep``; keys and values as EngineConfig.from_dict takes them).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    #: The progress bar on a terminal (off where many replays run at once).
+    progress: bool = True
 
 
 @dataclass
@@ -169,7 +174,7 @@ def replay(
     start = time.monotonic()
     with TraceReader(opts.trace, allow_truncated=opts.allow_truncated) as reader:
         header = reader.header
-        cfg = engine_config(opts.config, header)
+        cfg = engine_config(opts.config, header, opts.config_overrides)
         hub = FactHub()
         engine = ShadowEngine(cfg, on_fact=hub)
         if attach is not None:
@@ -196,7 +201,7 @@ def replay(
             hub.add(sink)
         chunk_observers += observers
         replayer = Replayer(engine, dedup=not opts.no_dedup, tools=[checker])
-        with replay_progress(opts.trace) as progress:
+        with replay_progress(opts.trace, enabled=opts.progress) as progress:
             stats = drive(replayer, reader, chunk_observers,
                           on_chunk=lambda c: progress(reader, c))
         footer, truncated = reader.footer, reader.truncated

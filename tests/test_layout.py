@@ -48,6 +48,7 @@ LAZY_EXCEPTIONS: dict[tuple[str, str], str] = {
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("replay.cli", "replay.bench", "replay"),
     ("replay.xen",),
+    ("replay.sweep",),
     ("replay.session",),
     ("replay.report",),
     ("replay.analysis",),

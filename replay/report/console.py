@@ -114,17 +114,21 @@ def _position(reader: Any) -> int | None:
 
 
 @contextlib.contextmanager
-def replay_progress(trace: Any, every: float | None = None
+def replay_progress(trace: Any, every: float | None = None, enabled: bool = True
                     ) -> Iterator[Callable[[Any, Any], None]]:
     """Progress on stderr while a trace replays: a rich bar on a terminal,
     else one plain line every ``every`` seconds (none for a replay that
     ends sooner), so a long replay in a pipe or a CI log shows it is alive.
 
     Yields ``update(reader, chunk)``; both follow the reader's position in
-    the file. ``every`` defaults to :func:`progress_every`.
+    the file. ``every`` defaults to :func:`progress_every`; nothing is
+    shown unless ``enabled``.
     """
     import os
 
+    if not enabled:
+        yield lambda reader, chunk: None
+        return
     if every is None:
         every = progress_every()
     try:

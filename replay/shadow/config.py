@@ -57,6 +57,11 @@ CR3_TARGETS_ACTIVE: Final = ("always", "secure")
 #: xen_hvm_init_mmu_ops, arch/x86/xen/mmu_hvm.c), or "unaware" (a kernel
 #: that never makes that call: Xen guesses with its two-write heuristic).
 GUEST_KINDS: Final = ("xen-aware", "unaware")
+#: The options whose value is one of a fixed set of names, and those names.
+CHOICES: Final[dict[str, tuple[str, ...]]] = {
+    "cr3_targets_active": CR3_TARGETS_ACTIVE,
+    "guest_kind": GUEST_KINDS,
+}
 #: Smallest pool Xen accepts (pages), see shadow_set_allocation callers.
 MIN_POOL_PAGES: Final = 1024
 
@@ -124,15 +129,10 @@ class EngineConfig:
             raise UsageError(f"ram_mib must be at least 1, not {self.ram_mib}")
         if self.pool_pages is not None and self.pool_pages < 1:
             raise UsageError(f"pool_pages must be positive, not {self.pool_pages}")
-        if self.cr3_targets_active not in CR3_TARGETS_ACTIVE:
-            raise UsageError(
-                f"cr3_targets_active must be one of {', '.join(CR3_TARGETS_ACTIVE)},"
-                f" not {self.cr3_targets_active!r}"
-            )
-        if self.guest_kind not in GUEST_KINDS:
-            raise UsageError(
-                f"guest_kind must be one of {', '.join(GUEST_KINDS)}, not {self.guest_kind!r}"
-            )
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if not 1 <= self.prefetch_distance <= 512:
             raise UsageError(f"prefetch_distance must be 1..512, not {self.prefetch_distance}")
 
@@ -168,7 +168,7 @@ class EngineConfig:
                 if not isinstance(value, list):
                     raise UsageError("cr3_targets must be a list")
                 kw[name] = [_int(v, "cr3_targets") for v in value]
-            elif name in ("cr3_targets_active", "guest_kind"):
+            elif name in CHOICES:
                 if not isinstance(value, str):
                     raise UsageError(f"option {name!r} must be a string")
                 kw[name] = value
@@ -187,25 +187,33 @@ class EngineConfig:
 
     @classmethod
     def for_trace(
-        cls, header: dict[str, Any], path: str | Path | None = None
+        cls, header: dict[str, Any], path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> EngineConfig:
-        """The trace header's vCPUs and RAM, with a config file's options over them."""
+        """The trace header's vCPUs and RAM, with a config file's options over
+        them and ``overrides`` (the same keys, as :meth:`from_dict` takes them)
+        over those."""
         base: dict[str, Any] = {
             "vcpus": max(1, int(header.get("vcpus") or 1)),
             "ram_mib": max(1, int(header.get("ram_bytes") or (512 << 20)) >> 20),
         }
         if path is not None:
             base.update(read_options(path))
+        if overrides:
+            base.update(overrides)
         return cls.from_dict(base)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def engine_config(path: Path | None, header: dict[str, Any]) -> EngineConfig:
-    """The engine config of a replay (``shadowtrace replay``, ``check``, ``plot``):
-    the config file's options over the trace header's vCPUs and RAM."""
-    cfg = EngineConfig.for_trace(header, path)
+def engine_config(
+    path: Path | None, header: dict[str, Any], overrides: dict[str, Any] | None = None
+) -> EngineConfig:
+    """The engine config of a replay (``shadowtrace replay``, ``check``, ``plot``,
+    ``sweep``): the config file's options over the trace header's vCPUs and
+    RAM, and ``overrides`` (one configuration of a sweep) over both."""
+    cfg = EngineConfig.for_trace(header, path, overrides)
     # the fact log would grow with the trace: consumers take facts as they come
     cfg.record_facts = False
     return cfg
