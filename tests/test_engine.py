@@ -291,13 +291,19 @@ def test_s7_store_with_oos_unsyncs_then_resyncs_at_cr3() -> None:
     assert d.e.shadows[(l1, L1)].entries[0] == old  # the shadow is stale
     d.store(t, l1, 1, NEW_LEAF)  # later stores do not trap at all
     assert d.c["shadow_fault"] == 2
+    assert d.e.shadows[(l1, L1)].entries[1] == 0  # prefetch left it empty (not present)
     d.cr3(root)  # the next CR3 write resyncs this vCPU's OOS pages
     assert d.c["shadow_resync"] == 1
     assert not d.e.is_out_of_sync(l1)
     assert d.e.shadows[(l1, L1)].entries[0] == NEW_SHADOW
-    assert d.e.shadows[(l1, L1)].entries[1] == NEW_SHADOW
+    # sh_resync_l1 visits only present shadow entries: entry 1 changed too,
+    # but its shadow entry was empty, so it is built at its first fault
+    assert d.e.shadows[(l1, L1)].entries[1] == 0
     resync = [f for f in d.e.facts if f.reason == "resync" and f.kind == "propagated"]
-    assert [f.entry for f in resync] == [0, 1]  # exactly the two changed entries
+    assert [f.entry for f in resync] == [0]
+    d.read(U + 0x1000, user=True)
+    assert d.c["shadow_fault"] == 3  # the demand fault that Xen takes here
+    assert d.e.shadows[(l1, L1)].entries[1] == NEW_SHADOW
     # the writable direct-map mapping of the frame is read-only again
     path = d.e.shadow_path(0, dm(l1))
     assert path[-1][2] & SH_P and not path[-1][2] & SH_RW
@@ -693,3 +699,49 @@ def test_untrack_removes_a_shadow_still_there() -> None:
     assert not d.e.is_page_table(l1)
     assert (l2, L2) in d.e.shadows  # the parent stays: only l1 was untracked
     assert not d.e.shadows[(l2, L2)].entries[va_index(U, 2)] & SH_P
+
+
+# --------------------------------------------------------------------------
+# Other vCPUs' out-of-sync pages at a CR3 write (shadow_sync_other_vcpus)
+# --------------------------------------------------------------------------
+def _oos_on_v1(**cfg: Any) -> tuple[Driver, GuestTables, int, int]:
+    """Two vCPUs on one root; v1 reads U (its L1 shadowed), then stores a
+    new leaf into that L1 through the direct map: unsynced on v1."""
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, DATA)
+    t.map(root, dm(l1), l1, KDATA)
+    d = Driver(vcpus=2, **cfg)
+    d.load(t)
+    d.cr3(root, vcpu=0)
+    d.cr3(root, vcpu=1)
+    d.read(U, vcpu=1, user=True)
+    d.write(dm(l1), vcpu=1)
+    t.set(l1, 0, NEW_LEAF)
+    d.ev(K.TABLE_WRITE, 1, va=dm(l1), pa=l1 << 12, val=NEW_LEAF)
+    assert d.e.is_out_of_sync(l1)
+    assert d.e.shadows[(l1, L1)].entries[0] != NEW_SHADOW  # stale while out of sync
+    return d, t, root, l1
+
+
+def test_cr3_write_resyncs_other_vcpus_oos_pages_it_may_use() -> None:
+    d, t, root, l1 = _oos_on_v1()
+    d.cr3(root, vcpu=0)
+    # sh_update_cr3 -> shadow_sync_other_vcpus: v1's page is under v0's new
+    # root, so not safe to skip: its changed entry is re-validated now...
+    assert d.c["shadow_resync_only"] == 1
+    assert d.e.shadows[(l1, L1)].entries[0] == NEW_SHADOW
+    # ... and it stays out of sync (only v1's own CR3 write brings it back)
+    assert d.e.is_out_of_sync(l1)
+    assert d.c["shadow_resync"] == 0
+
+
+def test_cr3_write_skips_oos_pages_safe_not_to_sync() -> None:
+    d, t, root, l1 = _oos_on_v1(linux_l3_toplevel=False)
+    other = t.new()  # an unrelated root: nothing below it reaches the L1
+    d.load(t)
+    d.cr3(other, vcpu=0)
+    # sh_safe_not_to_sync: the L1, L2 and L3 shadows each have one reference
+    # from one parent, up to an L4 that is not v0's new root: skipped
+    assert d.c["shadow_resync_only"] == 0
+    assert d.e.shadows[(l1, L1)].entries[0] != NEW_SHADOW

@@ -225,6 +225,9 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
         # 6. flush the vTLB and the fast-emulation record
         self._vtlb_flush(v)
         v.last_write_emul_ok = False
+        # 7. make the other vCPUs' out-of-sync pages safe
+        if cfg.out_of_sync and len(self.vcpus) > 1:
+            self._sync_other_vcpus(v)
 
     def cr4_write(self, index: int, vcpu: int, new: int, old: int) -> None:
         """CR4 changes of PSE/PAE/PGE/SMEP (or clearing PCIDE) make Xen

@@ -10,7 +10,10 @@ from __future__ import annotations
 from ..guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P
 from .config import SHADOW_OOS_PAGES
 from .state import EngineState
-from .types import L1, Fetch, VCpu
+from .types import L1, SH_MAGIC, SH_P, Fetch, Key, VCpu
+
+#: Shadow L1 entries sh_resync_l1 visits: present ones, magic ones included.
+_VISITED = SH_P | SH_MAGIC
 
 
 class OutOfSync(EngineState):
@@ -64,8 +67,13 @@ class OutOfSync(EngineState):
             v.oos_snap[where[1]] = None
 
     def _resync(self, frame: int) -> None:
-        """_sh_resync: write-protect the frame again and re-validate every
-        entry that changed since its snapshot."""
+        """_sh_resync: write-protect the frame again and re-validate the
+        entries that changed since the snapshot, visiting only the shadow's
+        present entries (multi.c sh_resync_l1 walks the shadow with
+        SHADOW_FOREACH_L1E, whose body runs for entries with _PAGE_PRESENT;
+        Xen's magic MMIO / not-present entries have that bit set too). A
+        guest entry written while out of sync where the shadow entry is
+        empty is built at its first fault, not here."""
         where = self.oos_where.get(frame)
         if where is None:
             return
@@ -80,13 +88,61 @@ class OutOfSync(EngineState):
         sh = self.shadows.get((frame, L1))
         guest = self.guest.entries(frame)
         if sh is not None and guest is not None:
+            entries = sh.entries
             for i, g in enumerate(guest):
-                if snap is None or snap[i] != g:
+                if entries[i] & _VISITED and (snap is None or snap[i] != g):
                     target = (g & ADDR_MASK) >> PAGE_SHIFT if g & PTE_P else -1
                     self._set_l1e(sh, i, self._propagate(g, 1, target, Fetch.PREFETCH), g,
                                   "resync")
         self.counters["shadow_resync"] += 1
         self._fact("resynced", frame, int(L1), -1, 0, 0, "resync")
+
+    def _resync_l1(self, frame: int, snap: list[int] | None) -> None:
+        """sh_resync_l1: re-validate the shadow's present entries whose guest
+        entry changed since the snapshot, and bring the snapshot up to date;
+        the frame stays out of sync and writable."""
+        sh = self.shadows.get((frame, L1))
+        guest = self.guest.entries(frame)
+        if sh is None or guest is None:
+            return
+        entries = sh.entries
+        for i, g in enumerate(guest):
+            if entries[i] & _VISITED and (snap is None or snap[i] != g):
+                target = (g & ADDR_MASK) >> PAGE_SHIFT if g & PTE_P else -1
+                self._set_l1e(sh, i, self._propagate(g, 1, target, Fetch.PREFETCH), g,
+                              "resync")
+                if snap is not None:
+                    snap[i] = g
+
+    def _safe_not_to_sync(self, v: VCpu, frame: int) -> bool:
+        """multi.c sh_safe_not_to_sync: the frame's L1 shadow has one
+        reference, from one parent, and so on up to one L4 shadow that is not
+        the root ``v`` runs on (needs up-pointers: never with L3 pinning)."""
+        if self.l3_pinning:
+            return False
+        key: Key = (frame, L1)
+        for _ in range(3):  # L1 -> L2 -> L3 -> L4
+            sh = self.shadows.get(key)
+            parents = self.parents.get(key)
+            if sh is None or sh.refcount != 1 or not parents or len(parents) != 1:
+                return False
+            key = next(iter(parents))[0]
+        return v.slot != key
+
+    def _sync_other_vcpus(self, v: VCpu) -> None:
+        """shadow_sync_other_vcpus (sh_resync_all with skip, others only), at
+        the end of sh_update_cr3: every other vCPU's out-of-sync pages are
+        made safe (their changed present entries re-validated, TLB-flush
+        semantics) unless sh_safe_not_to_sync says they cannot matter to
+        the new root; they stay out of sync."""
+        for other in self.vcpus:
+            if other is v:
+                continue
+            for idx, frame in enumerate(other.oos):
+                if frame is None or self._safe_not_to_sync(v, frame):
+                    continue
+                self.counters["shadow_resync_only"] += 1
+                self._resync_l1(frame, other.oos_snap[idx])
 
     def _resync_vcpu(self, v: VCpu) -> None:
         for f in v.oos_frames():
