@@ -10,6 +10,7 @@ missing part is a failing test. Tests that boot QEMU are marked ``e2e``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 #: Fixtures that boot QEMU: a test using one must be marked e2e.
-QEMU_FIXTURES = ("captures", "xen_seed_run")
+QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,14 +52,18 @@ class Captured:
     stdout: str
 
 
-def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run the shadowtrace command as a user would; never raises on failure."""
+def run_cli(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the shadowtrace command as a user would; never raises on failure.
+    ``env``: variables set on top of this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "replay.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -84,6 +89,15 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Captured]:
             folder, "seed-full", "--scenario", "seed", "--deterministic", "--dedup", "off"
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def seed_again(tmp_path_factory: pytest.TempPathFactory) -> Captured:
+    """The seed scenario captured deterministically once more, as
+    ``captures["dedup"]`` is, but into another folder (whose name holds rich
+    markup: the capture summary must print it as it is) under another name."""
+    folder = tmp_path_factory.mktemp("again[bold]")
+    return capture(folder, "seed-again", "--scenario", "seed", "--deterministic")
 
 
 @pytest.fixture(scope="session")
