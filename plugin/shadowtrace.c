@@ -1201,6 +1201,11 @@ static int parse_options(int argc, char **argv)
         } else {
             return fail("unknown option '%s'", key);
         }
+        /* out= and ram= are host paths: kept out of the header, so that two
+         * deterministic captures of one scenario are the same bytes. */
+        if (!strcmp(key, "out") || !strcmp(key, "ram")) {
+            continue;
+        }
         /* Later values of a key replace earlier ones in the header map. */
         for (guint j = 0; j < opt_pairs->len; j += 2) {
             if (!strcmp(g_ptr_array_index(opt_pairs, j), key)) {

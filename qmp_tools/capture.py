@@ -3,14 +3,17 @@
 The trace is written to ``OUT.partial`` and renamed to ``OUT`` only when the
 guest ran its scenario to the end and the plugin wrote its footer; on any
 failure the partial file stays, named ``.partial`` (and it has no footer, so
-readers call it truncated). Beside the trace: ``NAME.console.log`` (the
-guest's serial console) and ``NAME.truth.json.gz`` (ground truth taken with the
-VM paused at the stop marker).
+readers call it truncated). Before the rename, the symbols that name the
+trace's PCs go into it (:func:`embed_symbols`), so that it replays with
+names anywhere. Beside the trace: ``NAME.console.log`` (the guest's serial
+console) and ``NAME.truth.json.gz`` (ground truth taken with the VM paused at
+the stop marker).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import time
@@ -96,12 +99,17 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
     result = GuestRun(config, progress).run()
     duration = time.monotonic() - start
     try:
+        embed_symbols(partial, paths, opts.scenario)
         summary = summarise(partial)
     except TraceError as err:
         raise GuestError(f"the plugin's trace is unusable: {err}", result.console_tail) from err
     os.replace(partial, out)
     if result.truth is not None:
-        with gzip.open(truth_path, "wt") as f:  # `info tlb` text is megabytes
+        # `info tlb` text is megabytes; no time or name in the gzip header, so
+        # that deterministic captures give the same bytes
+        with open(truth_path, "wb") as raw, gzip.GzipFile(
+            filename="", mode="wb", fileobj=raw, mtime=0
+        ) as gz, io.TextIOWrapper(gz, encoding="utf-8") as f:
             json.dump(result.truth, f)
     summary["duration_s"] = round(duration, 2)
     return CaptureResult(
@@ -133,6 +141,31 @@ def dying_hook(paths: BuildPaths) -> dict[str, str]:
         raise SetupError(f"{paths.kallsyms}: no exit_mmap or _text symbol; run 'make setup'")
     return {"dying": f"{addr['exit_mmap']:#x}", "text": f"{addr['_text']:#x}",
             "mm_pgd": str(mm_pgd)}
+
+
+def embed_symbols(path: Path, paths: BuildPaths, scenario: str) -> int:
+    """Put the symbols naming the PCs of the finished trace ``path`` into it
+    (the symbols map, right after the header): kernel text symbols of
+    build/guest/kallsyms moved by the ``kernel _text`` marker's slide, the
+    scenario's module functions at their ``module`` markers' addresses. Only
+    the entries that name a PC of the trace are kept (a few thousand of the
+    kernel's ~50,000). Returns how many."""
+    import numpy as np
+
+    from replay.guest.symbols import from_markers
+    from replay.trace.symtab import TraceSymbols, insert
+
+    pcs = np.zeros(0, dtype=np.uint64)
+    markers: list[list[str]] = []
+    with TraceReader(path) as reader:
+        for chunk in reader:
+            pcs = np.union1d(pcs, chunk.pc)
+            markers += chunk.markers
+    syms = from_markers(markers, system_map=paths.kallsyms,
+                        module_dirs=[paths.module_dir(scenario)])
+    table = TraceSymbols.of(syms.covering(pcs.tolist()))
+    insert(path, table)
+    return len(table)
 
 
 def summarise(path: Path) -> dict[str, Any]:

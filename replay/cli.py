@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds before the guest counts as hung (default 600)")
     cap.set_defaults(func=_capture)
 
-    info = sub.add_parser("info", help="print a trace's header, footer and counts")
+    info = sub.add_parser("info", help="print a trace's header, symbols, footer and counts")
     info.add_argument("trace", type=Path)
     info.add_argument("--allow-truncated", action="store_true")
     info.set_defaults(func=_info)
@@ -178,12 +178,14 @@ def _info(args: argparse.Namespace) -> int:
 
     with TraceReader(args.trace, allow_truncated=args.allow_truncated) as reader:
         header = reader.header
+        symbols = None if reader.symbols is None else len(reader.symbols)
         for _ in reader:
             pass
         footer = reader.footer
         truncated = reader.truncated
     summary = summarise(args.trace) if not truncated else {}
-    print_json({"header": header, "footer": footer, "truncated": truncated, "summary": summary})
+    print_json({"header": header, "symbols": symbols, "footer": footer, "truncated": truncated,
+                "summary": summary})
     return 0
 
 

@@ -24,6 +24,7 @@ from .shadow.types import Fact
 
 if TYPE_CHECKING:
     from .analysis.checks.checker import Checker
+    from .trace.symtab import TraceSymbols
 
 #: --watch-console's default: the seed module's printk.
 DEFAULT_CONSOLE_REGEX = r"The address allocated is ([0-9a-f]+)"
@@ -121,15 +122,28 @@ def console_path(trace: Path) -> Path:
     return side_paths(trace)[0]
 
 
-def namer_for_trace(header: dict[str, Any], markers: list[tuple[int, int, list[str]]]) -> Any:
-    """PC -> ``symbol+0xoff [module]`` from the guest build's symbols."""
-    from .guest.symbols import from_markers
+def namer_for_trace(
+    header: dict[str, Any], markers: list[tuple[int, int, list[str]]],
+    symbols: TraceSymbols | None = None,
+) -> Callable[[int], str]:
+    """PC -> ``symbol+0xoff [module]``: from the trace's own symbols map,
+    else (a trace captured before traces carried them) from the guest build's
+    symbols placed by the trace's markers. Says once on stderr when there are
+    none at all (every PC is then a bare address)."""
+    from .guest.symbols import Symbols, from_markers
+    from .report.console import warn
 
-    paths = BuildPaths.default()
-    scenario = str(header.get("scenario") or "")
-    dirs = [paths.module_dir(scenario)] if scenario else []
-    syms = from_markers([m for _, _, m in markers], system_map=paths.kallsyms,
-                        module_dirs=dirs)
+    if symbols:
+        syms = Symbols.from_entries(symbols.entries())
+    else:
+        paths = BuildPaths.default()
+        scenario = str(header.get("scenario") or "")
+        dirs = [paths.module_dir(scenario)] if scenario else []
+        syms = from_markers([m for _, _, m in markers], system_map=paths.kallsyms,
+                            module_dirs=dirs)
+        if not syms:
+            warn(f"no symbols: PCs shown as addresses (trace has none and "
+                 f"{paths.kallsyms} is missing)")
     cache: dict[int, str] = {}
 
     def name(pc: int) -> str:
@@ -173,7 +187,7 @@ def replay(
         watch += [va for va in found if va not in watch]
     start = time.monotonic()
     with TraceReader(opts.trace, allow_truncated=opts.allow_truncated) as reader:
-        header = reader.header
+        header, symbols = reader.header, reader.symbols
         cfg = engine_config(opts.config, header, opts.config_overrides)
         hub = FactHub()
         engine = ShadowEngine(cfg, on_fact=hub)
@@ -209,7 +223,8 @@ def replay(
     checker.finish(stats)  # C7 comes from the replayer's cross-check
     findings = list(checker.findings)
     duration = time.monotonic() - start
-    namer = namer_for_trace(header, stats.markers) if watch or events or findings else None
+    namer = (namer_for_trace(header, stats.markers, symbols)
+             if watch or events or findings else None)
     doc = results.build(
         trace=opts.trace, header=header, footer=footer, truncated=truncated, config=cfg,
         engine=engine, stats=stats, dedup=not opts.no_dedup, duration=duration,

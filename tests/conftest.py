@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 #: Fixtures that boot QEMU: a test using one must be marked e2e.
-QEMU_FIXTURES = ("captures", "xen_seed_run")
+QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,10 +52,11 @@ class Captured:
     stdout: str
 
 
-def run_cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the shadowtrace command as a user would; never raises on failure.
-    ``env``: variables added to the environment."""
+    ``env``: variables set on top of this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "replay.cli", *args],
         capture_output=True,
@@ -88,6 +89,15 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Captured]:
             folder, "seed-full", "--scenario", "seed", "--deterministic", "--dedup", "off"
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def seed_again(tmp_path_factory: pytest.TempPathFactory) -> Captured:
+    """The seed scenario captured deterministically once more, as
+    ``captures["dedup"]`` is, but into another folder (whose name holds rich
+    markup: the capture summary must print it as it is) under another name."""
+    folder = tmp_path_factory.mktemp("again[bold]")
+    return capture(folder, "seed-again", "--scenario", "seed", "--deterministic")
 
 
 @pytest.fixture(scope="session")

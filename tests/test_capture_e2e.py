@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import gzip
 import json
 import re
@@ -182,11 +183,39 @@ def test_allocated_page_walk_matches_qemu(captures: dict[str, Captured]) -> None
     assert mem.translate(cr3[0], va) == int(line.group(1), 16)
 
 
+def test_deterministic_captures_are_the_same_bytes(
+    captures: dict[str, Captured], seed_again: Captured
+) -> None:
+    """Two deterministic captures of seed, written to different folders under
+    different names, are byte-identical traces.
+
+    They must be: icount, a fixed RTC, no KASLR and no RDRAND make the guest
+    run the same instructions, so the plugin records the same events; the
+    header holds no host path (no out=, no ram=: the RAM file lives in a
+    fresh temporary folder each run); the symbols map is made from the same
+    PCs and build. A trace is a function of the scenario and the build.
+    """
+    a, b = captures["dedup"].trace, seed_again.trace
+    assert a.parent != b.parent and a.name != b.name
+    assert filecmp.cmp(a, b, shallow=False)
+    with TraceReader(b) as reader:
+        assert not {"out", "ram"} & set(reader.header["options"])
+        assert reader.symbols  # the trace names its PCs itself
+
+
+def test_capture_summary_prints_paths_as_they_are(seed_again: Captured) -> None:
+    """The folder is named ``again[bold]N``: rich would read ``[bold]`` as
+    markup and drop it; the summary prints the paths whole."""
+    assert "[bold]" in str(seed_again.trace)
+    assert f"capture {seed_again.trace}" in seed_again.stdout
+    assert f"console log: {seed_again.console}" in seed_again.stdout
+
+
 def test_recapture_matches_stored_expectations(captures: dict[str, Captured]) -> None:
     """A deterministic capture made now replays exactly like traces/seed.trace.
 
     Deterministic captures (icount, fixed RTC, no KASLR, no RDRAND) record the
-    same events; only the header's file paths differ, and replay ignores them.
+    same events (see test_deterministic_captures_are_the_same_bytes).
     """
     from qmp_tools.paths import TOP
 

@@ -42,7 +42,7 @@ from replay.driver.replayer import replay_file
 from replay.guest.memory import cr3_root
 from replay.trace import format as fmt
 from replay.trace.cut import cut_trace
-from replay.trace.reader import read_all
+from replay.trace.reader import TraceReader, read_all
 
 from .conftest import run_cli
 from .replays import Goldens
@@ -107,6 +107,9 @@ def test_cut_start_stop_same_findings(tmp_path: Path, goldens: Goldens) -> None:
     cut_markers = [m for _, _, m in replay_file(out)[1].markers]
     assert cut_markers[0][0] == "kernel" and cut_markers[1] == ["start"]
     assert [m[0] for m in cut_markers if m[0] == "module"] == ["module"] * 14
+    # the trace's symbols map goes with the cut, unchanged: it replays with names anywhere
+    with TraceReader(SEED) as src, TraceReader(out) as cut_reader:
+        assert src.symbols and cut_reader.symbols == src.symbols
 
     # the full trace as ``shadowtrace check`` replays it (seed.expected.json
     # registers SEED_SECURE): the session's shared replay

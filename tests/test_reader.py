@@ -14,13 +14,17 @@ from hypothesis import strategies as st
 from replay.errors import TraceError, TraceFormatError, TraceVersionError
 from replay.trace import format as fmt
 from replay.trace.reader import TraceReader, read_all
+from replay.trace.symtab import TraceSymbols, insert
 from replay.trace.writer import TraceWriter
 
 KERNEL_VA = 0xFFFF_8880_0000_1000
+#: A symbols map like a capture's: a kernel function and a module's.
+SYMBOLS = TraceSymbols.of([(0xFFFF_FFFF_8100_0000, 0x40, "start_kernel", ""),
+                           (0xFFFF_FFFF_C020_6000, 0x100, "test_init", "test")])
 
 
 def write_small(path: Path, *, footer: bool = True, events: int = 10) -> None:
-    with TraceWriter(path, scenario="unit") as w:
+    with TraceWriter(path, scenario="unit", symbols=SYMBOLS) as w:
         w.snapshot(0x1000, bytes(range(256)) * 16)
         w.marker("start", "a", "b")
         for i in range(events):
@@ -44,6 +48,48 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert chunk.markers == [["start", "a", "b"]]
     assert chunk.page(0) == bytes(range(256)) * 16
     assert footer is not None and footer["events"] == 13
+    with TraceReader(path) as reader:
+        assert reader.symbols == SYMBOLS
+
+
+def test_symbols_map_is_optional_and_inserted_after_the_header(tmp_path: Path) -> None:
+    """A trace without symbols (as the plugin writes it) reads with
+    ``symbols`` None; capture's insert puts the map after the header and
+    every chunk still reads the same."""
+    plain, with_syms = tmp_path / "plain.trace", tmp_path / "syms.trace"
+    with TraceWriter(plain, scenario="unit") as w:
+        w.marker("start")
+        w.access(fmt.Kind.READ, KERNEL_VA, 0x1000, pc=0xFFFF_FFFF_8100_0004)
+    with_syms.write_bytes(plain.read_bytes())
+    insert(with_syms, SYMBOLS)
+    with TraceReader(plain) as reader:
+        assert reader.symbols is None
+    h0, c0, f0 = read_all(plain)
+    h1, c1, f1 = read_all(with_syms)
+    with TraceReader(with_syms) as reader:
+        assert reader.symbols == SYMBOLS
+    assert (h0, f0) == (h1, f1)
+    assert [c.pc.tolist() for c in c0] == [c.pc.tolist() for c in c1]
+    assert with_syms.stat().st_size > plain.stat().st_size
+
+
+def test_symbols_map_elsewhere_or_malformed_is_a_format_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    write_small(path)
+    with open(path, "ab") as f:  # a second map after the footer
+        f.write(msgpack.packb({"t": "symbols", "addr": [], "size": [], "name": [],
+                               "module": []}))
+    with pytest.raises(TraceFormatError, match="data after the footer"):
+        read_all(path)
+    unsorted = {"t": "symbols", "addr": [2, 1], "size": [1, 1], "name": ["a", "b"],
+                "module": ["", ""]}
+    short = {"t": "symbols", "addr": [1], "size": [], "name": ["a"], "module": [""]}
+    for bad, message in ((unsorted, "not sorted"), (short, "differ in length")):
+        blob = msgpack.packb({"t": "header", "magic": fmt.MAGIC, "version": fmt.VERSION,
+                              **{k: 0 for k in fmt.HEADER_KEYS[2:]}})
+        path.write_bytes(blob + msgpack.packb(bad))
+        with pytest.raises(TraceFormatError, match=message):
+            read_all(path)
 
 
 def test_u64_extremes_round_trip(tmp_path: Path) -> None:
@@ -96,15 +142,18 @@ def test_error_names_path_chunk_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     write_small(path)
     data = bytearray(path.read_bytes())
-    with open(path, "rb") as f:
-        header_len = len(msgpack.packb(next(msgpack.Unpacker(f, raw=False))))
+    with open(path, "rb") as f:  # the chunk follows the header and the symbols map
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
+        unpacker.unpack()
+        unpacker.unpack()
+        chunk_at = unpacker.tell()
     # flip the chunk's "seq" value (0 -> 5): the first byte after the "seq" key
-    at = data.index(b"\xa3seq", header_len) + 4
+    at = data.index(b"\xa3seq", chunk_at) + 4
     data[at] = 5
     path.write_bytes(bytes(data))
     with pytest.raises(TraceFormatError) as err:
         read_all(path)
-    assert err.value.chunk == 0 and err.value.offset == header_len
+    assert err.value.chunk == 0 and err.value.offset == chunk_at
     assert str(path) in str(err.value)
 
 

@@ -5,6 +5,11 @@ taken from the guest at build time: Debian's own System.map is a stub), shifted 
 KASLR slide that the trace's ``kernel _text ADDR`` marker gives. Module
 symbols come from the module's ``.ko`` (its ELF symbol table) placed at the
 section addresses of the trace's ``module NAME SECTION ADDR`` markers.
+
+A capture keeps, in the trace, the entries that name its PCs
+(:meth:`Symbols.covering`, each with the extent it names); a replay names
+PCs from those (:meth:`Symbols.from_entries`), with the same answers for
+every PC of the trace, and ``build/`` only for traces without them.
 """
 
 from __future__ import annotations
@@ -21,31 +26,77 @@ from elftools.elf.sections import SymbolTableSection
 _TEXT_TYPES = set("TtWw")
 
 
+#: How far past its symbol a PC is still named after it.
+MAX_OFFSET = 1 << 20
+
+
 @dataclass
 class Symbols:
-    """Sorted (address, name, module) triples with a lookup by address."""
+    """Sorted (address, name, module) triples with a lookup by address.
+
+    Each entry names the PCs from its address up to the next entry's, at most
+    MAX_OFFSET past it; entries made by :meth:`from_entries` name only their
+    own extent (``_ends``).
+    """
 
     _addrs: list[int] = field(default_factory=list)
     _names: list[tuple[str, str]] = field(default_factory=list)
+    _ends: list[int] | None = None
 
     def add_all(self, entries: Iterable[tuple[int, str, str]]) -> None:
+        if self._ends is not None:
+            raise ValueError("a table of extents (from_entries) takes no more symbols")
         merged = sorted(
             [*zip(self._addrs, self._names, strict=True), *((a, (n, m)) for a, n, m in entries)]
         )
         self._addrs = [a for a, _ in merged]
         self._names = [nm for _, nm in merged]
 
+    @classmethod
+    def from_entries(cls, entries: Iterable[tuple[int, int, str, str]]) -> Symbols:
+        """The table of (address, size, name, module) entries, each naming
+        ``address <= pc < address + size`` (a trace's symbols map)."""
+        rows = sorted(entries)
+        return cls([a for a, _, _, _ in rows], [(n, m) for _, _, n, m in rows],
+                   [a + s for a, s, _, _ in rows])
+
     def __len__(self) -> int:
         return len(self._addrs)
 
-    def name(self, pc: int, *, max_offset: int = 1 << 20) -> str:
-        """``symbol+0xoff [module]``, or the bare hex address when unknown."""
+    def _index(self, pc: int) -> int | None:
         i = bisect.bisect_right(self._addrs, pc) - 1
-        if i < 0 or pc - self._addrs[i] > max_offset:
+        if i < 0 or pc - self._addrs[i] > MAX_OFFSET:
+            return None
+        if self._ends is not None and pc >= self._ends[i]:
+            return None
+        return i
+
+    def name(self, pc: int) -> str:
+        """``symbol+0xoff [module]``, or the bare hex address when unknown."""
+        i = self._index(pc)
+        if i is None:
             return f"0x{pc:x}"
         sym, module = self._names[i]
         text = f"{sym}+0x{pc - self._addrs[i]:x}"
         return f"{text} [{module}]" if module else text
+
+    def covering(self, pcs: Iterable[int]) -> list[tuple[int, int, str, str]]:
+        """(address, size, name, module) of the entries that name ``pcs``,
+        each sized to what it names here (up to the next entry, at most
+        MAX_OFFSET + 1 bytes), so that :meth:`from_entries` of them names
+        every one of ``pcs`` as this table does (and any other PC either as
+        this table does or as a bare address)."""
+        used = sorted({i for i in map(self._index, pcs) if i is not None})
+        out = []
+        for i in used:
+            addr = self._addrs[i]
+            end = min(addr + MAX_OFFSET + 1, 1 << 64)
+            if i + 1 < len(self._addrs):
+                end = min(end, self._addrs[i + 1])
+            if self._ends is not None:
+                end = min(end, self._ends[i])
+            out.append((addr, end - addr, *self._names[i]))
+        return out
 
 
 def read_system_map(path: Path, slide: int = 0) -> list[tuple[int, str, str]]:

@@ -45,8 +45,8 @@ def progress_printer(title: str) -> Iterator[Callable[[str], None]]:
     if _err.is_terminal:
         with _err.status(title) as status:
 
-            def update(msg: str) -> None:
-                status.update(f"{title}: {msg} ({time.monotonic() - start:.1f} s)")
+            def update(msg: str) -> None:  # msg may carry guest text (markers)
+                status.update(Text(f"{title}: {msg} ({time.monotonic() - start:.1f} s)"))
 
             yield update
     else:
@@ -58,8 +58,10 @@ def progress_printer(title: str) -> Iterator[Callable[[str], None]]:
 
 
 def print_capture_summary(result: CaptureResult) -> None:
+    """The capture's counts; paths are printed whole, never as markup."""
     s = result.summary
-    table = Table(title=f"capture {result.trace}", show_header=False)
+    _out.print(Text(f"capture {result.trace}"), soft_wrap=True)
+    table = Table(show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
     for kind, count in s["by_kind"].items():
@@ -75,9 +77,14 @@ def print_capture_summary(result: CaptureResult) -> None:
         table.add_row("accesses de-duplicated", f"{s['deduplicated']:,}")
     table.add_row("duration", f"{result.duration:.1f} s")
     _out.print(table)
-    _out.print(f"console log: {result.console_log}")
+    _out.print(Text(f"console log: {result.console_log}"), soft_wrap=True)
     if result.truth is not None:
-        _out.print(f"ground truth: {result.truth}")
+        _out.print(Text(f"ground truth: {result.truth}"), soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One line on stderr for people (trace-derived text: never markup)."""
+    _err.print(Text(message), soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -189,8 +196,8 @@ def _wide() -> Console:
 
 
 def _episode_table(tl: dict[str, Any], ep: dict[str, Any]) -> Table:
-    table = Table(title=f"shadow path of {tl['va']} under root {ep['root']}"
-                  f" (complete at event {ep['complete_event']:,})")
+    table = Table(title=Text(f"shadow path of {tl['va']} under root {ep['root']}"
+                             f" (complete at event {ep['complete_event']:,})"))
     for col in ("level", "shadow", "entry", "event", "why", "vCPU", "CR3", "PC", "symbol",
                 "destroyed"):
         table.add_column(col, justify="right" if col in ("event", "vCPU") else "left")
@@ -306,7 +313,7 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
             t.add_column("severity")
             t.add_column("count", justify="right")
             for sev, n in sorted(by.items()):
-                t.add_row(sev, f"{n:,}")
+                t.add_row(_plain(sev), f"{n:,}")
             out.print(t)
 
 

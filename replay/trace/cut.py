@@ -1,7 +1,7 @@
 """``shadowtrace cut``: a smaller, valid trace of a range of events.
 
 The output is a trace of the format in :mod:`replay.trace.format` (the same header,
-with ``options["cut"] = "FROM:TO"``) laid out as::
+with ``options["cut"] = "FROM:TO"``, and the same symbols map) laid out as::
 
     [state prefix]   WINDOW_OPEN, CR3_CURRENT per vCPU, SNAPSHOT per known frame
     [carried marks]  kernel / module markers (and live secure-* markers) before FROM
@@ -64,6 +64,7 @@ from ..errors import UsageError
 from ..guest.memory import PAGE_SHIFT, GuestMemory
 from . import format as fmt
 from .reader import Chunk, TraceReader
+from .symtab import TraceSymbols
 from .writer import TraceWriter
 
 _K = fmt.Kind
@@ -273,7 +274,8 @@ def _cut(
                     state.apply(chunk, 0, chunk.n)
                     continue
                 state.apply(chunk, 0, first - c0)
-                writer, result = _open(tmp, out, header, state, first, end_opt, level)
+                writer, result = _open(tmp, out, header, reader.symbols, state, first,
+                                       end_opt, level)
             lo, hi = max(first, c0) - c0, min(end, c1) - c0
             if lo < hi:
                 writer.append_slice(chunk, lo, hi)
@@ -301,8 +303,8 @@ def _cut(
 
 
 def _open(
-    tmp: Path, out: Path, header: dict[str, Any], state: _State, first: int,
-    end: int | None, level: int,
+    tmp: Path, out: Path, header: dict[str, Any], symbols: TraceSymbols | None,
+    state: _State, first: int, end: int | None, level: int,
 ) -> tuple[_CutWriter, CutResult]:
     """Open the output and write the state prefix and carried markers."""
     prefix = state.prefix_needed()
@@ -315,7 +317,7 @@ def _open(
     writer = _CutWriter(
         tmp, scenario=str(header.get("scenario", "")), vcpus=int(header.get("vcpus") or 1),
         ram_bytes=int(header.get("ram_bytes") or 0), kernel=str(header.get("kernel", "")),
-        qemu=str(header.get("qemu", "")), options=options, level=level,
+        qemu=str(header.get("qemu", "")), options=options, level=level, symbols=symbols,
     )
     if prefix:
         window = state.window if state.window is not None else max(state.last_window, 0)

@@ -9,6 +9,8 @@ people; this module is what programs use.
 A trace file is a stream of msgpack maps, each with a key ``"t"``:
 
 * one ``header`` map (magic, version, who recorded what),
+* at most one ``symbols`` map right after it (the names of the trace's PCs;
+  written by the capture once QEMU has exited, not by the plugin),
 * any number of ``chunk`` maps, each holding up to ``CHUNK_EVENTS`` events
   in one total order, stored **by column** (one compressed array per field),
 * one ``footer`` map with counts. No footer means the trace is truncated.
@@ -23,7 +25,10 @@ Column encoding (all little-endian):
 
 Version history:
 
-* 1: first version.
+* 1: first version. Later, within version 1 (no reader of an older trace
+  misreads it): the header's ``options`` no longer hold the host paths
+  ``out`` and ``ram``; an optional ``symbols`` map follows the header (a
+  reader from before it refuses such a trace: "unknown object type").
 * 2: UNTRACK events (the plugin stops tracking a table frame nothing can
   reach). Version 1 traces are read as they are (they have none).
 """
@@ -142,17 +147,27 @@ KEY_TYPE: Final = "t"
 TYPE_HEADER: Final = "header"
 TYPE_CHUNK: Final = "chunk"
 TYPE_FOOTER: Final = "footer"
+#: Optional, at most once, right after the header (replay.trace.symtab).
+TYPE_SYMBOLS: Final = "symbols"
 
 #: Header keys: every header has these.
 HEADER_KEYS: Final = (
     "magic",  # MAGIC
     "version",  # VERSION
     "qemu",  # QEMU version string
-    "options",  # plugin options, {name: value}
+    "options",  # plugin options, {name: value}, without host paths (out, ram)
     "kernel",  # guest kernel version
     "ram_bytes",  # guest RAM size
     "vcpus",  # number of vCPUs
     "scenario",  # scenario name
+)
+#: Symbols map keys: four lists of one length, entry i naming the PCs
+#: addr[i] <= pc < addr[i] + size[i] as name[i]+0xOFF [module[i]].
+SYMBOLS_KEYS: Final = (
+    "addr",  # u64 load addresses, ascending
+    "size",  # bytes each entry names (> 0)
+    "name",  # symbol names
+    "module",  # module names, "" for the kernel
 )
 #: Chunk keys.
 CHUNK_KEYS: Final = ("seq", "n", "cols", "pages", "markers")

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import TraceFormatError, TraceVersionError
-from . import columns
+from . import columns, symtab
 from . import format as fmt
 
 #: Largest msgpack object accepted: a full chunk with every event a snapshot
@@ -139,7 +139,8 @@ class TraceReader:
 
     After iteration, ``footer`` holds the footer map, or None when the trace
     was truncated and ``allow_truncated`` let the valid prefix through
-    (``truncated`` is then True).
+    (``truncated`` is then True). ``symbols`` (read on open) is the trace's
+    :class:`~replay.trace.symtab.TraceSymbols`, or None when it has none.
     """
 
     def __init__(self, path: str | Path, *, allow_truncated: bool = False) -> None:
@@ -159,7 +160,11 @@ class TraceReader:
             max_buffer_size=_MAX_OBJECT,
             strict_map_key=False,
         )
+        #: The object read after the header when it was not a symbols map
+        #: (or the end of the file, or the error reading it), for __iter__.
+        self._peeked: tuple[Any, int] | BaseException | None = None
         self.header = self._read_header()
+        self.symbols = self._read_symbols()
 
     @property
     def position(self) -> int:
@@ -179,6 +184,11 @@ class TraceReader:
     # -- reading ---------------------------------------------------------
     def _next(self) -> tuple[Any, int]:
         """Next msgpack object and its byte offset; StopIteration at EOF."""
+        if self._peeked is not None:
+            peeked, self._peeked = self._peeked, None
+            if isinstance(peeked, BaseException):
+                raise peeked
+            return peeked
         offset = self._unpacker.tell()
         try:
             obj = self._unpacker.unpack()
@@ -227,6 +237,19 @@ class TraceReader:
             )
         return obj
 
+    def _read_symbols(self) -> symtab.TraceSymbols | None:
+        """The symbols map if one follows the header; whatever else follows
+        (a chunk, the end, an error) is kept for iteration."""
+        try:
+            obj, offset = self._next()
+        except (StopIteration, TraceFormatError) as err:
+            self._peeked = err
+            return None
+        if isinstance(obj, dict) and obj.get(fmt.KEY_TYPE) == fmt.TYPE_SYMBOLS:
+            return symtab.decode(obj, self.path, offset)
+        self._peeked = (obj, offset)
+        return None
+
     def __iter__(self) -> Iterator[Chunk]:
         while True:
             try:
@@ -259,6 +282,11 @@ class TraceReader:
                     return
                 raise TraceFormatError(
                     self.path, "data after the footer", offset=extra_at
+                )
+            elif kind == fmt.TYPE_SYMBOLS:
+                raise TraceFormatError(
+                    self.path, "a symbols map not right after the header",
+                    offset=offset, chunk=self.chunks,
                 )
             else:
                 raise TraceFormatError(

@@ -13,12 +13,13 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from . import columns
+from . import columns, symtab
 from . import format as fmt
 
 
 class TraceWriter:
-    """Write a trace: header on open, chunks as events come, footer on close."""
+    """Write a trace: header (and the symbols map, if given) on open, chunks
+    as events come, footer on close."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class TraceWriter:
         qemu: str = "",
         options: dict[str, str] | None = None,
         level: int = 1,
+        symbols: symtab.TraceSymbols | None = None,
     ) -> None:
         self.path = Path(path)
         self.level = level
@@ -55,6 +57,8 @@ class TraceWriter:
                 "scenario": scenario,
             }
         )
+        if symbols is not None:
+            self._pack(symtab.encode(symbols))
 
     def _pack(self, obj: dict[str, Any]) -> None:
         self._file.write(msgpack.packb(obj, use_bin_type=True))
