@@ -45,6 +45,10 @@ class CaptureOptions:
     deterministic: bool = False
     timeout: float = 600.0
     ram_mib: int = 512
+    #: Kernel command-line words for a scenario built from outside the
+    #: repository (qmp_tools.custom); None: the repository scenario's
+    #: ``append`` file, and the scenario must be one of the repository's.
+    append: str | None = None
 
 
 @dataclass
@@ -65,7 +69,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
     if not 64 <= opts.ram_mib <= 2048:
         raise SetupError(f"bad RAM size {opts.ram_mib} MiB: use 64 to 2048")
     paths = BuildPaths.default()
-    paths.require(opts.scenario)
+    paths.require(opts.scenario, known=opts.append is None)
     out = opts.out
     partial = out.with_name(out.name + ".partial")
     console_log, truth_path = side_paths(out)
@@ -95,7 +99,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         plugin_options=plugin_options,
         timeout=opts.timeout,
         console_log=console_log,
-        append=scenario_append(opts.scenario),
+        append=scenario_append(opts.scenario) if opts.append is None else opts.append,
     )
     start = time.monotonic()
     result = GuestRun(config, progress).run()
