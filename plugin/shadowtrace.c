@@ -89,6 +89,7 @@
 #include <qemu-plugin.h>
 
 #include "trace_format.h"
+#include "console.h"
 #include "decode.h"
 #include "output.h"
 #include "pagetable.h"
@@ -184,6 +185,14 @@ static int64_t hdr_vcpus = -1;
  */
 static uint64_t opt_dying, opt_mm_pgd, opt_text;
 static uint64_t dying_pc;       /* where exit_mmap runs (0: no hook) */
+/*
+ * console=VA: the kernel's serial8250_console_write(up, s, count) at
+ * link time. Each call's text is recorded, window open or not, as markers
+ * "console PAYLOAD" (console.h), moved with KASLR like dying_pc: before the
+ * "kernel _text" marker only a kernel that was not moved is followed.
+ */
+static uint64_t opt_console;
+static uint64_t console_pc;     /* where the console write runs (0: no hook) */
 
 /* Plugin state */
 static qemu_plugin_id_t plugin_id;
@@ -760,26 +769,65 @@ static void vcpu_dying(unsigned int vcpu_index, void *udata)
     rec_unlock();
 }
 
-/* The guest's "kernel _text ADDR" marker: move the exit_mmap hook with KASLR. */
+/* serial8250_console_write(up, s, count) entered: the kernel's text. */
+static void vcpu_console(unsigned int vcpu_index, void *udata)
+{
+    VCpu *v;
+    uint64_t s, n;
+    uint8_t buf[CONSOLE_MAX_BYTES];
+    char text[ST_MARKER_MAX_LEN + 1];
+
+    (void)udata;
+    vcpu_index = cur_vcpu(vcpu_index);
+    v = &vcpus[vcpu_index];
+    vcpu_refresh(v);
+    s = read_reg(v, v->gpr[6]);     /* rsi, rdx: the second and third arguments */
+    n = MIN(read_reg(v, v->gpr[2]), (uint64_t)sizeof(buf));
+    if (n == 0 || !read_guest(v, s, buf, n)) {
+        return;
+    }
+    rec_lock();
+    if (!rec.finished) {
+        for (size_t i = 0; i < n;) {
+            i += console_marker(buf + i, n - i, text);
+            out_emit(ST_KIND_MARKER, vcpu_index, 0, 0, 0, console_pc,
+                     out_add_marker(text));
+        }
+    }
+    rec_unlock();
+}
+
+/* Move one hook by the KASLR slide; true if it moved. */
+static bool move_hook(uint64_t *hook_pc, uint64_t link_pc, uint64_t slide)
+{
+    uint64_t pc = link_pc + slide;
+
+    if (!link_pc || pc == __atomic_load_n(hook_pc, __ATOMIC_RELAXED)) {
+        return false;
+    }
+    __atomic_store_n(hook_pc, pc, __ATOMIC_RELAXED);
+    return true;
+}
+
+/* The guest's "kernel _text ADDR" marker: move the hooks with KASLR. */
 static bool kernel_marker(const char *text)
 {
-    uint64_t at, pc;
+    uint64_t at, slide;
     const char *p = "kernel _text ";
     char *end;
+    bool moved;
 
-    if (!opt_dying || strncmp(text, p, strlen(p))) {
+    if (!opt_text || strncmp(text, p, strlen(p))) {
         return false;
     }
     at = g_ascii_strtoull(text + strlen(p), &end, 16);   /* kallsyms: bare hex */
     if (*end != '\0' || at == 0) {
         return false;
     }
-    pc = opt_dying + (at - opt_text);
-    if (pc == __atomic_load_n(&dying_pc, __ATOMIC_RELAXED)) {
-        return false;
-    }
-    __atomic_store_n(&dying_pc, pc, __ATOMIC_RELAXED);
-    return true;    /* translated blocks hold the old address: re-translate */
+    slide = at - opt_text;
+    moved = move_hook(&dying_pc, opt_dying, slide);
+    moved |= move_hook(&console_pc, opt_console, slide);
+    return moved;   /* translated blocks hold the old address: re-translate */
 }
 
 /* CPUID: a marker when EAX is the marker leaf. */
@@ -990,6 +1038,10 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             qemu_plugin_register_vcpu_insn_exec_cb(insn, vcpu_dying,
                                                    QEMU_PLUGIN_CB_R_REGS, NULL);
         }
+        if (pc == __atomic_load_n(&console_pc, __ATOMIC_RELAXED) && console_pc) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, vcpu_console,
+                                                   QEMU_PLUGIN_CB_R_REGS, NULL);
+        }
         if (len >= 2 && decode_special(bytes, len, pc, &d)) {
             static const qemu_plugin_vcpu_udata_cb_t cbs[] = {
                 [OP_CPUID] = vcpu_cpuid,
@@ -1179,13 +1231,14 @@ static int parse_options(int argc, char **argv)
             }
             opt_level = (int)lv;
         } else if (!strcmp(key, "dying") || !strcmp(key, "mm_pgd") ||
-                   !strcmp(key, "text")) {
+                   !strcmp(key, "text") || !strcmp(key, ST_OPTION_CONSOLE)) {
             uint64_t x;
             if (!parse_u64(val, &x)) {
                 return fail("bad %s '%s' (a number)", key, val);
             }
             *(!strcmp(key, "dying") ? &opt_dying :
-              !strcmp(key, "text") ? &opt_text : &opt_mm_pgd) = x;
+              !strcmp(key, "text") ? &opt_text :
+              !strcmp(key, ST_OPTION_CONSOLE) ? &opt_console : &opt_mm_pgd) = x;
         } else if (!strcmp(key, "scenario")) {
             hdr_scenario = val;
         } else if (!strcmp(key, "kernel")) {
@@ -1219,7 +1272,11 @@ static int parse_options(int argc, char **argv)
     if (opt_dying && (!opt_text || !opt_mm_pgd)) {
         return fail("dying= needs text= and mm_pgd= too");
     }
+    if (opt_console && !opt_text) {
+        return fail("console= needs text= too");
+    }
     dying_pc = opt_dying;
+    console_pc = opt_console;
     if (!opt_out) {
         return fail("missing required option out=PATH");
     }

@@ -31,6 +31,11 @@ from .machine import GuestRun, MachineConfig, Progress, qemu_version
 from .paths import BuildPaths, scenario_append
 
 WINDOWS = ("markers", "all")
+#: The kernel function whose calls carry the console text (the 8250 serial
+#: console: serial8250_console_write(up, s, count)). Not the generic
+#: uart_console_write: with a FIFO, as QEMU's 16550A has, Linux 6.1's 8250
+#: driver fills the FIFO itself and never calls it.
+CONSOLE_WRITE = "serial8250_console_write"
 
 
 @dataclass
@@ -43,6 +48,10 @@ class CaptureOptions:
     deterministic: bool = False
     timeout: float = 600.0
     ram_mib: int = 512
+    #: Kernel command-line words for a scenario built from outside the
+    #: repository (qmp_tools.custom); None: the repository scenario's
+    #: ``append`` file, and the scenario must be one of the repository's.
+    append: str | None = None
 
 
 @dataclass
@@ -63,7 +72,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
     if not 64 <= opts.ram_mib <= 2048:
         raise SetupError(f"bad RAM size {opts.ram_mib} MiB: use 64 to 2048")
     paths = BuildPaths.default()
-    paths.require(opts.scenario)
+    paths.require(opts.scenario, known=opts.append is None)
     out = opts.out
     partial = out.with_name(out.name + ".partial")
     console_log, truth_path = side_paths(out)
@@ -81,7 +90,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         "kernel": paths.kernel_version() or "unknown",
         "qemu": qemu_version(),
         "vcpus": str(opts.smp),
-        **dying_hook(paths),
+        **kernel_hooks(paths),
     }
     config = MachineConfig(
         kernel=paths.kernel,
@@ -93,7 +102,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         plugin_options=plugin_options,
         timeout=opts.timeout,
         console_log=console_log,
-        append=scenario_append(opts.scenario),
+        append=scenario_append(opts.scenario) if opts.append is None else opts.append,
     )
     start = time.monotonic()
     result = GuestRun(config, progress).run()
@@ -121,11 +130,14 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
     )
 
 
-def dying_hook(paths: BuildPaths) -> dict[str, str]:
-    """Plugin options that record "pagetable-dying PA" at each exit_mmap
-    (what a Xen-aware kernel tells Xen there): the link-time addresses of
-    exit_mmap and _text (build/guest/kallsyms) and mm_struct.pgd's offset
-    (build/guest/kernel-offsets)."""
+def kernel_hooks(paths: BuildPaths) -> dict[str, str]:
+    """Plugin options for the kernel functions the plugin hooks, at their
+    link-time addresses (build/guest/kallsyms; the plugin moves them by the
+    KASLR slide of the ``kernel _text`` marker): exit_mmap, where it records
+    "pagetable-dying PA" (what a Xen-aware kernel tells Xen there; with
+    mm_struct.pgd's offset from build/guest/kernel-offsets), and
+    the serial console's write (:data:`CONSOLE_WRITE`), where it records the
+    kernel's console text as "console" markers."""
     from replay.guest.symbols import system_map_address
 
     try:
@@ -136,11 +148,13 @@ def dying_hook(paths: BuildPaths) -> dict[str, str]:
             f"missing set-up: kernel offsets ({paths.kernel_offsets}) not built ({err}); "
             "run 'make setup'"
         ) from None
-    addr = {s: system_map_address(paths.kallsyms, s) for s in ("exit_mmap", "_text")}
-    if None in addr.values():
-        raise SetupError(f"{paths.kallsyms}: no exit_mmap or _text symbol; run 'make setup'")
+    names = ("exit_mmap", "_text", CONSOLE_WRITE)
+    addr = {s: system_map_address(paths.kallsyms, s) for s in names}
+    missing = [s for s in names if addr[s] is None]
+    if missing:
+        raise SetupError(f"{paths.kallsyms}: no {' or '.join(missing)} symbol; run 'make setup'")
     return {"dying": f"{addr['exit_mmap']:#x}", "text": f"{addr['_text']:#x}",
-            "mm_pgd": str(mm_pgd)}
+            "mm_pgd": str(mm_pgd), fmt.OPTION_CONSOLE: f"{addr[CONSOLE_WRITE]:#x}"}
 
 
 def embed_symbols(path: Path, paths: BuildPaths, scenario: str) -> int:

@@ -23,10 +23,11 @@ class BuildPaths(_Layout):
     """Paths of everything ``make setup`` builds (:class:`replay.paths.BuildPaths`),
     and the check that they are there."""
 
-    def require(self, scenario: str) -> None:
-        """Raise SetupError naming the first missing part, if any."""
+    def require(self, scenario: str, *, known: bool = True) -> None:
+        """Raise SetupError naming the first missing part, if any; ``known``:
+        the scenario must be one of the repository's."""
         scenarios = available_scenarios()
-        if scenario not in scenarios:
+        if known and scenario not in scenarios:
             raise SetupError(
                 f"unknown scenario {scenario!r}; known: {', '.join(scenarios) or 'none'}"
             )

@@ -27,8 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     cap = sub.add_parser("capture", help="boot the test guest and record a trace")
-    cap.add_argument("--scenario", default="seed", help="scenario folder name (default seed)")
-    cap.add_argument("--out", type=Path, help="trace file (default traces/SCENARIO.trace)")
+    cap.add_argument("--scenario", metavar="NAME|DIR",
+                     help="a scenario of scenarios/ (default seed), or a scenario folder "
+                          "elsewhere (a path: DIR/steps.sh ...)")
+    cap.add_argument("--module", action="append", type=Path, default=[], metavar="PATH.c",
+                     help="build this kernel module and load it in the window (repeatable)")
+    cap.add_argument("--steps", type=Path, metavar="FILE",
+                     help="with --module: the guest's steps instead of loading the modules")
+    cap.add_argument("--append", default="", metavar="WORDS",
+                     help="with --module or --scenario DIR: more kernel command-line words")
+    cap.add_argument("--out", type=Path,
+                     help="trace file (default traces/SCENARIO.trace; out/user-NAME.trace "
+                          "for --module and --scenario DIR)")
     cap.add_argument("--dedup", choices=("on", "off"), default="on",
                      help="drop accesses that cannot change shadow state (default on)")
     cap.add_argument("--window", choices=("markers", "all"), default="markers",
@@ -152,13 +162,15 @@ def _capture(args: argparse.Namespace) -> int:
 
     from .report.console import print_capture_summary, progress_printer
 
-    out = args.out or Path("traces") / f"{args.scenario}.trace"
+    scenario, append, default_dir = _capture_scenario(args)
+    out = args.out or Path(default_dir) / f"{scenario}.trace"
     opts = CaptureOptions(
-        scenario=args.scenario, out=out, dedup=args.dedup == "on", smp=args.smp,
+        scenario=scenario, out=out, dedup=args.dedup == "on", smp=args.smp,
         window=args.window, deterministic=args.deterministic, timeout=args.timeout,
+        append=append,
     )
     try:
-        with progress_printer(f"capturing {args.scenario}") as progress:
+        with progress_printer(f"capturing {scenario}") as progress:
             result = capture(opts, progress)
     except GuestError as err:
         if err.console_tail:
@@ -168,6 +180,33 @@ def _capture(args: argparse.Namespace) -> int:
         raise
     print_capture_summary(result)
     return 0
+
+
+def _capture_scenario(args: argparse.Namespace) -> tuple[str, str | None, str]:
+    """capture's scenario: (name, kernel words or None for a repository
+    scenario, default folder of the trace); builds outside ones."""
+    from qmp_tools import custom
+    from qmp_tools.paths import available_scenarios
+
+    from .errors import UsageError
+
+    scenario = args.scenario
+    outside = scenario is not None and (
+        "/" in scenario or (scenario not in available_scenarios() and Path(scenario).is_dir()))
+    if args.module:
+        if scenario is not None:
+            raise UsageError("--module and --scenario: give one of them")
+        built = custom.from_modules(args.module, args.steps, args.append)
+        return built.scenario, built.append, "out"
+    if args.steps is not None:
+        raise UsageError("--steps needs --module (a scenario folder has its own steps.sh)")
+    if outside:
+        built = custom.from_folder(Path(scenario), args.append)
+        return built.scenario, built.append, "out"
+    if args.append:
+        raise UsageError("--append needs --module or --scenario DIR "
+                         "(a repository scenario has its append file)")
+    return scenario or "seed", None, "traces"
 
 
 def _info(args: argparse.Namespace) -> int:

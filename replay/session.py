@@ -117,6 +117,15 @@ def console_text(trace: Path) -> str:
         raise UsageError(f"{log}: cannot read the console log: {err.strerror}") from None
 
 
+def has_console_events(header: dict[str, Any]) -> bool:
+    """Was the trace recorded with the kernel's console as events
+    (:data:`~replay.trace.format.OPTION_CONSOLE` among its plugin options)?"""
+    from .trace import format as fmt
+
+    options = header.get("options")
+    return isinstance(options, dict) and fmt.OPTION_CONSOLE in options
+
+
 def console_path(trace: Path) -> Path:
     """Where capture puts a trace's console log (``NAME.console.log``)."""
     return side_paths(trace)[0]
@@ -205,11 +214,14 @@ def replay(
             events = EventTable(watched=timeline.watched_pages)
             hub.add(events)
             chunk_observers.append(events)
+        # console: specs follow the trace's console events; a trace recorded
+        # before them is searched through the console log beside it
+        console_events = has_console_events(header)
         console = None
-        if any(spec.startswith("console:") for spec in opts.secure):
+        if not console_events and any(spec.startswith("console:") for spec in opts.secure):
             console = console_text(opts.trace)
         checker = Checker(engine, secure=list(opts.secure), console=console,
-                          policy=opts.policy)
+                          console_events=console_events, policy=opts.policy)
         hub.add(checker)
         for sink in sinks:
             hub.add(sink)

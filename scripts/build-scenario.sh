@@ -3,11 +3,14 @@
 #   scenarios/NAME/steps.sh   commands the guest's init runs (required)
 #   scenarios/NAME/Kbuild     present: build the kernel modules in the folder
 #   scenarios/NAME/user/*.c   static programs, installed as /bin/<name>
-# Usage: build-scenario.sh NAME KERNEL_VERSION BUILD_DIR
+#   scenarios/NAME/append     (read by the capture, not here)
+# Usage: build-scenario.sh NAME KERNEL_VERSION BUILD_DIR [SOURCE_DIR]
+#   SOURCE_DIR: a scenario folder elsewhere (default scenarios/NAME), as
+#   `shadowtrace capture --scenario DIR` and `--module` use it
 set -euo pipefail
 name=${1:?scenario}; kver=${2:?kernel version}; build=${3:?build dir}
 top=$(cd "$(dirname "$0")/.." && pwd)
-src=$top/scenarios/$name
+src=${4:-$top/scenarios/$name}
 [ -f "$src/steps.sh" ] || { echo "build-scenario: no scenario '$name' (missing $src/steps.sh)" >&2; exit 1; }
 work=$build/scenarios/$name
 root=$work/root

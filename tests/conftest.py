@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 #: Fixtures that boot QEMU: a test using one must be marked e2e.
-QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run")
+QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run", "module_capture")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

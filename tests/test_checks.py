@@ -84,8 +84,19 @@ class Trace:
     def marker(self, name: str, *args: str, vcpu: int = 0) -> int:
         return self._add("marker", name=name, args=args, vcpu=vcpu)
 
+    def console(self, text: str, parts: int = 1, vcpu: int = 0) -> int:
+        """The kernel writes ``text`` to its console, recorded as the plugin
+        does (``console`` markers), split in ``parts``; returns the last index."""
+        data = text.encode()
+        step = -(-len(data) // parts)
+        for i in range(0, len(data), step):
+            last = self.marker(fmt.MARKER_CONSOLE, fmt.console_payload(data[i:i + step]),
+                               vcpu=vcpu)
+        return last
+
     def run(self, specs: list[str] | None = None, *, policy: bool = False,
-            console: str | None = None, **cfg: Any) -> Checker:
+            console: str | None = None, console_events: bool = False,
+            **cfg: Any) -> Checker:
         with TraceWriter(self.path, vcpus=self.vcpus) as w:
             for what, f in self.events:
                 if what == "snap":
@@ -99,7 +110,8 @@ class Trace:
         engine = ShadowEngine(config)
         # the CLI's way: a checker on the engine, the replayer made after it
         # with the checker as its event tool
-        checker = Checker(engine, secure=specs or [], console=console, policy=policy)
+        checker = Checker(engine, secure=specs or [], console=console,
+                          console_events=console_events, policy=policy)
         replayer = Replayer(engine, tools=[checker])
         replayer.run(chunks)
         checker.finish(replayer.stats)

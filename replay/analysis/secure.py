@@ -16,12 +16,24 @@ Two sources feed it:
       guest model at the first marker named MARKER (default ``start``, or
       the first access if the trace has no ``start`` marker before it).
   ``console:REGEX``
-      every match of REGEX in the guest console log; group 1 is a hex VA,
-      resolved as ``va:VA@start``.
+      every console line that matches REGEX; group 1 is a hex VA. On a
+      trace with console events (:data:`~replay.trace.format.OPTION_CONSOLE`
+      in its header) the frame behind the VA is registered at the event of
+      the line (each matching line starts a registration); on an older
+      trace every match in the console log beside it is resolved as
+      ``va:VA@start``.
 
   ``+N`` is decimal, or hex with ``0x``. Spec registrations start at event
   0 (``va``/``console`` ones when resolved); like marker registrations they
-  end at the first ``secure-end`` marker after they were made.
+  end at the first ``secure-end`` marker after they were made, or earlier
+  at their ``@until:`` end.
+
+  Any frame spec (``frame``, ``pa``, ``va``, ``console``) may end with
+  ``@until:END`` (:mod:`replay.analysis.until`): ``@until:marker:NAME`` ends the
+  registration at the first marker named NAME after it began,
+  ``@until:REGEX`` (or ``@until:console:REGEX``) at the first console line
+  matching REGEX after it began (if REGEX has a group, group 1 must be the
+  registered VA in hex); console lines need console events in the trace.
 
 * **Markers** in the trace (:mod:`replay.trace.format`): ``secure-frame PA [N]``,
   ``secure-root CR3``, ``secure-va VA [N]``, ``secure-end`` (hex numbers,
@@ -41,6 +53,7 @@ from typing import Final
 from ..errors import UsageError
 from ..guest.memory import PAGE_SHIFT, cr3_root
 from ..trace import format as fmt
+from .until import Until, parse_until
 
 #: A VA whose frame cannot be found at its anchor is retried at later
 #: accesses to the same page (see :class:`PendingVa`).
@@ -55,6 +68,7 @@ class FrameSpec:
     first: int
     count: int
     text: str
+    until: Until | None = None
 
 
 @dataclass(frozen=True)
@@ -74,9 +88,20 @@ class VaSpec:
     count: int
     anchor: str
     text: str
+    until: Until | None = None
 
 
-Spec = FrameSpec | RootSpec | VaSpec
+@dataclass(frozen=True)
+class ConsoleSpec:
+    """``console:`` on a trace with console events: every console line that
+    ``pattern`` matches registers the frame behind its group-1 VA there."""
+
+    pattern: re.Pattern[str]
+    text: str
+    until: Until | None = None
+
+
+Spec = FrameSpec | RootSpec | VaSpec | ConsoleSpec
 
 
 def _number(text: str, what: str, spec: str, *, hex_default: bool = False) -> int:
@@ -115,9 +140,11 @@ def _canonical(va: int, spec: str) -> int:
     return va
 
 
-def parse_spec(text: str, console: str | None = None) -> list[Spec]:
+def parse_spec(text: str, console: str | None = None, *,
+               console_events: bool = False) -> list[Spec]:
     """Parse one spec string (see the module); ``console`` is the guest
-    console log, needed by ``console:``. Raises :class:`UsageError`."""
+    console log, which ``console:`` searches on a trace without console
+    events (``console_events`` False). Raises :class:`UsageError`."""
     kind, sep, body = text.partition(":")
     kind = kind.strip().lower()
     if not sep:
@@ -125,8 +152,14 @@ def parse_spec(text: str, console: str | None = None) -> list[Spec]:
             f"secure spec {text!r}: expected KIND:VALUE with KIND one of "
             "frame, pa, root, va, console"
         )
+    body, has_until, end = body.partition("@until:")
+    until = parse_until(text, end, console_events) if has_until else None
+    if until is not None and kind == "root":
+        raise UsageError(f"secure spec {text!r}: a root registration has no '@until:'")
     if kind == "console":
-        return _console_specs(text, body, console)
+        if console_events:
+            return [ConsoleSpec(va_pattern(body, f"secure spec {text!r}"), text, until)]
+        return _console_specs(text, body, console, until)
     body = body.strip()
     if not body:
         raise UsageError(f"secure spec {text!r}: nothing after {kind!r}")
@@ -141,7 +174,7 @@ def parse_spec(text: str, console: str | None = None) -> list[Spec]:
             num >>= PAGE_SHIFT
         if num >= 1 << 40:
             raise UsageError(f"secure spec {text!r}: frame {num:#x} beyond 52-bit addresses")
-        return [FrameSpec(num, _count(n, text), text)]
+        return [FrameSpec(num, _count(n, text), text, until)]
     if kind == "root":
         if "+" in body or "@" in body:
             raise UsageError(f"secure spec {text!r}: a root takes one CR3 value")
@@ -158,7 +191,7 @@ def parse_spec(text: str, console: str | None = None) -> list[Spec]:
         if anchor and not re.fullmatch(r"[\w.-]+", anchor):
             raise UsageError(f"secure spec {text!r}: bad marker name {anchor!r}")
         va = _canonical(_number(value, "VA", text), text)
-        return [VaSpec(va & ~0xFFF, _count(n, text), anchor or DEFAULT_ANCHOR, text)]
+        return [VaSpec(va & ~0xFFF, _count(n, text), anchor or DEFAULT_ANCHOR, text, until)]
     raise UsageError(
         f"secure spec {text!r}: unknown kind {kind!r} (frame, pa, root, va, console)"
     )
@@ -178,7 +211,8 @@ def va_pattern(pattern: str, what: str) -> re.Pattern[str]:
     return rx
 
 
-def _console_specs(text: str, pattern: str, console: str | None) -> list[Spec]:
+def _console_specs(text: str, pattern: str, console: str | None,
+                   until: Until | None) -> list[Spec]:
     rx = va_pattern(pattern, f"secure spec {text!r}")
     if console is None:
         raise UsageError(f"secure spec {text!r}: no console log to search")
@@ -191,17 +225,18 @@ def _console_specs(text: str, pattern: str, console: str | None) -> list[Spec]:
         va = _canonical(_number(raw, "VA", text, hex_default=True), text) & ~0xFFF
         if va not in seen:
             seen.add(va)
-            out.append(VaSpec(va, 1, DEFAULT_ANCHOR, f"{text} -> {va:#x}"))
+            out.append(VaSpec(va, 1, DEFAULT_ANCHOR, f"{text} -> {va:#x}", until))
     if not out:
         raise UsageError(f"secure spec {text!r}: no match in the console log")
     return out
 
 
-def parse_specs(texts: Iterable[str], console: str | None = None) -> list[Spec]:
+def parse_specs(texts: Iterable[str], console: str | None = None, *,
+                console_events: bool = False) -> list[Spec]:
     """Parse several spec strings (all errors are :class:`UsageError`)."""
     out: list[Spec] = []
     for t in texts:
-        out.extend(parse_spec(t, console))
+        out.extend(parse_spec(t, console, console_events=console_events))
     return out
 
 
@@ -219,6 +254,8 @@ class Interval:
     source: str
     #: The VA it was registered at (``va:``/``secure-va``), if any.
     va: int | None = None
+    #: Where it ends before ``secure-end``, if anywhere.
+    until: Until | None = None
 
     def covers(self, event: int) -> bool:
         return self.start <= event and (self.end is None or event < self.end)
@@ -234,6 +271,7 @@ class PendingVa:
     source: str
     #: True once the anchor passed: resolve at the first access to the page.
     armed: bool = False
+    until: Until | None = None
 
 
 @dataclass
@@ -246,6 +284,10 @@ class SecureRegistry:
     history: dict[int, list[Interval]] = field(default_factory=dict)
     root_history: dict[int, list[Interval]] = field(default_factory=dict)
     pending: list[PendingVa] = field(default_factory=list)
+    #: ``console:`` specs matched against the trace's console lines.
+    console_specs: list[ConsoleSpec] = field(default_factory=list)
+    #: Those of them that matched a line.
+    console_matched: set[str] = field(default_factory=set)
     #: Problems with markers in the trace (bad numbers): (event, text).
     warnings: list[tuple[int, str]] = field(default_factory=list)
     #: Bumped whenever the live sets change.
@@ -257,25 +299,30 @@ class SecureRegistry:
         for s in specs:
             if isinstance(s, FrameSpec):
                 for f in range(s.first, s.first + s.count):
-                    reg.add_frame(f, 0, s.text)
+                    reg.add_frame(f, 0, s.text, until=s.until)
             elif isinstance(s, RootSpec):
                 reg.add_root(s.root, 0, s.text)
+            elif isinstance(s, ConsoleSpec):
+                reg.console_specs.append(s)
             else:
                 for k in range(s.count):
-                    reg.pending.append(PendingVa(s.va + (k << PAGE_SHIFT), s.anchor, s.text))
+                    reg.pending.append(PendingVa(s.va + (k << PAGE_SHIFT), s.anchor, s.text,
+                                                 until=s.until))
         return reg
 
     @property
     def active(self) -> bool:
         return bool(self.frames or self.roots)
 
-    def add_frame(self, frame: int, event: int, source: str, va: int | None = None) -> bool:
-        """Register a frame from ``event`` on; False if it already was."""
+    def add_frame(self, frame: int, event: int, source: str, va: int | None = None,
+                  until: Until | None = None) -> bool:
+        """Register a frame from ``event`` on; False if it already was (the
+        live registration stays, with its own end)."""
         if frame in self.frames:
             if va is not None and self.frames[frame].va is None:
                 self.frames[frame].va = va
             return False
-        iv = Interval(frame, event, None, source, va)
+        iv = Interval(frame, event, None, source, va, until)
         self.frames[frame] = iv
         self.history.setdefault(frame, []).append(iv)
         self.version += 1
@@ -302,6 +349,43 @@ class SecureRegistry:
         if frames or roots:
             self.version += 1
         return frames, roots
+
+    def end_frame(self, frame: int, event: int) -> bool:
+        """End the live registration of ``frame`` at ``event`` (its ``@until``)."""
+        iv = self.frames.pop(frame, None)
+        if iv is None:
+            return False
+        iv.end = event
+        self.version += 1
+        return True
+
+    def ending_at_marker(self, name: str) -> list[int]:
+        """Live frames whose ``@until:marker:NAME`` is ``name``."""
+        return [f for f, iv in self.frames.items()
+                if iv.until is not None and iv.until.marker == name]
+
+    def ending_at_line(self, line: str) -> list[int]:
+        """Live frames whose ``@until:REGEX`` console line this is."""
+        return [f for f, iv in self.frames.items()
+                if iv.until is not None and iv.until.ends_at_line(line, iv.va)]
+
+    def console_starts(self, line: str, event: int) -> list[tuple[ConsoleSpec, int]]:
+        """(spec, VA page) for every ``console:`` spec match in ``line``."""
+        out = []
+        for spec in self.console_specs:
+            for m in spec.pattern.finditer(line):
+                raw = m.group(1)
+                try:
+                    va = int(raw, 16) if raw is not None else None
+                except ValueError:
+                    va = None
+                if va is None or va >> 64 or va >> 47 not in (0, 0x1FFFF):
+                    self.warnings.append((event, f"{spec.text}: {m.group(0)!r}: "
+                                              "group 1 is not a canonical hex VA"))
+                    continue
+                self.console_matched.add(spec.text)
+                out.append((spec, va & ~0xFFF))
+        return out
 
     def frame_secure_at(self, frame: int, event: int) -> bool:
         return any(iv.covers(event) for iv in self.history.get(frame, ()))

@@ -20,6 +20,7 @@ from ..driver.replayer import ReplayStats
 from ..errors import UsageError
 from ..shadow.config import EngineConfig
 from ..shadow.engine import ShadowEngine
+from ..trace import format as fmt
 
 #: Version of the JSON document's layout (bump on any incompatible change).
 SCHEMA = "shadowtrace.replay/1"
@@ -184,7 +185,7 @@ def build(
             "deduplicated": stats.deduplicated,
             "duration_s": round(duration, 3),
             "markers": [{"event": e, "vcpu": v, "marker": m}
-                        for e, v, m in stats.markers[:MAX_SAMPLES]],
+                        for e, v, m in _guest_markers(stats)[:MAX_SAMPLES]],
         },
         "counters": dict(engine.counters),
         "shadows": shadows_by_type(engine),
@@ -209,6 +210,11 @@ def build(
     }
     assert tuple(doc) == TOP_KEYS
     return doc
+
+
+def _guest_markers(stats: ReplayStats) -> list[tuple[int, int, list[str]]]:
+    """The trace's markers without the kernel's console text (``console``)."""
+    return [m for m in stats.markers if not (m[2] and m[2][0] == fmt.MARKER_CONSOLE)]
 
 
 def finding_json(f: Any, namer: Namer | None = None) -> dict[str, Any]:

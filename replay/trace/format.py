@@ -141,6 +141,51 @@ MARKER_SECURE_ROOT: Final = "secure-root"
 MARKER_SECURE_VA: Final = "secure-va"
 #: "secure-end": registrations made so far end here (the pages are freed).
 MARKER_SECURE_END: Final = "secure-end"
+#: Marker the plugin itself writes when the kernel writes to its console
+#: (it hooks the serial console write, see OPTION_CONSOLE): "console PAYLOAD", the
+#: bytes written, escaped so that the marker is one word of printable ASCII:
+#: a byte from 0x21 to 0x7e other than "%" stands for itself, any other byte
+#: is "%xx" (two lowercase hex digits). A write longer than one marker holds
+#: is split over consecutive markers; a line ends at "\n" (the reader
+#: assembles lines: :func:`console_bytes`). Only the kernel's own console
+#: output (printk) is recorded, not what programs write to the tty.
+MARKER_CONSOLE: Final = "console"
+#: Plugin option (kept in the header's ``options``) giving the link-time
+#: address of the hooked console write: present means the trace records
+#: "console" markers; traces without it predate them.
+OPTION_CONSOLE: Final = "console"
+
+
+
+def console_payload(data: bytes) -> str:
+    """``data`` escaped as a "console" marker's argument (what the plugin
+    writes, without its split into markers of MARKER_MAX_LEN)."""
+    return "".join(chr(b) if 0x20 < b < 0x7F and b != 0x25 else f"%{b:02x}" for b in data)
+
+
+def console_bytes(marker: list[str]) -> bytes | None:
+    """The bytes a "console" marker carries (None for other markers or a
+    bad escape)."""
+    if len(marker) != 2 or marker[0] != MARKER_CONSOLE:
+        return None
+    text = marker[1]
+    if "%" not in text:
+        return text.encode("ascii", "replace")
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "%":
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or not all(h in "0123456789abcdef" for h in pair):
+                return None
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out += c.encode("ascii", "replace")
+            i += 1
+    return bytes(out)
+
 
 # Top-level map keys.
 KEY_TYPE: Final = "t"
@@ -205,6 +250,8 @@ def emit_c_header() -> str:
         f'#define ST_MARKER_START "{MARKER_START}"',
         f'#define ST_MARKER_STOP "{MARKER_STOP}"',
         f'#define ST_MARKER_DYING "{MARKER_DYING}"',
+        f'#define ST_MARKER_CONSOLE "{MARKER_CONSOLE}"',
+        f'#define ST_OPTION_CONSOLE "{OPTION_CONSOLE}"',
         f"#define ST_N_U8_COLUMNS {len(U8_COLUMNS)}",
         f"#define ST_N_U64_COLUMNS {len(U64_COLUMNS)}",
         "static const char *const st_u8_columns[] = {"

@@ -26,6 +26,7 @@ from ...driver.tools import NO_ACCESSES, Interest
 from ...guest.memory import cr3_root
 from ...shadow.engine import ShadowEngine
 from ...shadow.types import Fact, ShadowType
+from ..console import ConsoleLines
 from ..secure import SecureRegistry, Spec, parse_specs
 from .findings import Finding, PolicyFault
 from .scan import RootScan
@@ -36,8 +37,10 @@ class CheckerBase:
 
     def __init__(self, engine: ShadowEngine | None = None, *, specs: Iterable[Spec] = (),
                  secure: Iterable[str] = (), console: str | None = None,
-                 policy: bool = False, max_policy_faults: int = 20) -> None:
-        self.registry = SecureRegistry.from_specs([*specs, *parse_specs(secure, console)])
+                 console_events: bool = False, policy: bool = False,
+                 max_policy_faults: int = 20) -> None:
+        self.registry = SecureRegistry.from_specs(
+            [*specs, *parse_specs(secure, console, console_events=console_events)])
         self.policy = policy
         self.max_policy_faults = max_policy_faults
         self.engine: ShadowEngine | None = None
@@ -61,6 +64,8 @@ class CheckerBase:
         #: interest(): the key it was built from, and the object
         self._interest_key: tuple[Any, ...] | None = None
         self._interest: Interest = NO_ACCESSES
+        #: The console lines, assembled from the trace's console markers.
+        self._console = ConsoleLines()
         # guest-table scans
         self._scans: dict[int, RootScan] = {}
         self._frame_roots: dict[int, set[int]] = {}

@@ -55,6 +55,7 @@ from ...shadow.types import L4, Fact
 from ...trace import format as fmt
 from ...trace.reader import TraceReader
 from ..secure import PendingVa, Spec, canonical_va
+from ..until import Until
 from .accesses import AccessChecks
 from .findings import CHECKS, SEVERITIES, Finding
 from .guest_tables import GuestTableChecks
@@ -71,8 +72,10 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
 
     :param engine: the engine to watch (or attach later with :meth:`attach`).
     :param specs: parsed secure specs (:func:`replay.analysis.secure.parse_specs`).
-    :param secure: spec strings, parsed here (with ``console`` for
-        ``console:`` specs); markers in the trace add to both.
+    :param secure: spec strings, parsed here (with ``console``, the console
+        log, for ``console:`` specs on a trace without console events;
+        ``console_events``: the trace has them); markers in the trace add
+        to both.
     :param policy: policy mode: refuse propagating a leaf of a frame in S
         while the vCPU (as Xen knows it: the CR3 it last intercepted) is not
         secure, and list the accesses that would then fault.
@@ -209,6 +212,12 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
         reg = self.registry
         words = marker[0].split() if marker else []
         name = words[0] if words else ""
+        if name == fmt.MARKER_CONSOLE:
+            for line in self._console.feed(marker):  # every part, for whole lines
+                self._console_line(index, vcpu, line)
+            return
+        if reg.frames:
+            self._end_frames(reg.ending_at_marker(name), index, vcpu)
         if name == fmt.MARKER_START:
             self._start_seen = True
         if reg.pending:
@@ -231,10 +240,36 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
             self._sec_sh = {k: f for k, f in self._sec_sh.items() if f not in ended}
         self._registration_changed(index, vcpu)
 
+    def _console_line(self, index: int, vcpu: int, line: str) -> None:
+        """A console line completed at ``index``: it may end registrations
+        (``@until:REGEX``) and start ``console:`` ones."""
+        reg = self.registry
+        if reg.frames:
+            self._end_frames(reg.ending_at_line(line), index, vcpu)
+        reg.pending = [p for p in reg.pending
+                       if p.until is None or not p.until.ends_at_line(line, p.va)]
+        for spec, va in reg.console_starts(line, index):
+            self._resolve_va(index, vcpu, va, f"{spec.text} -> {canonical_va(va):#x}", None,
+                             until=spec.until)
+        self._registration_changed(index, vcpu)
+
+    def _end_frames(self, frames: list[int], index: int, vcpu: int) -> None:
+        """End these frames' registrations at ``index`` (their ``@until``)."""
+        if not frames:
+            return
+        # catch changes made while registered before the intervals close
+        self._evaluate(self._loaded_roots(), index, vcpu)
+        for f in frames:
+            self.registry.end_frame(f, index)
+        ended = set(frames)
+        self._sec_sh = {k: f for k, f in self._sec_sh.items() if f not in ended}
+        self._registration_changed(index, vcpu)
+
     def _resolve_armed(self, index: int, vcpu: int) -> None:
         still = []
         for p in self.registry.pending:
-            if p.armed and self._resolve_va(index, vcpu, p.va, p.source, None, quiet=True):
+            if p.armed and self._resolve_va(index, vcpu, p.va, p.source, None, quiet=True,
+                                            until=p.until):
                 continue
             still.append(p)
         changed = len(still) != len(self.registry.pending)
@@ -243,7 +278,7 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
             self._registration_changed(index, vcpu)
 
     def _resolve_va(self, index: int, vcpu: int, va: int, source: str, pa: int | None,
-                    *, quiet: bool = False) -> bool:
+                    *, quiet: bool = False, until: Until | None = None) -> bool:
         """Register the frame behind ``va``: from ``pa`` if given (an access),
         else by walking the guest tables (this vCPU's CR3 first)."""
         frame: int | None = None
@@ -263,9 +298,9 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
         if frame is None:
             if not quiet:
                 # a secure-va marker whose walk fails: wait for an access
-                self.registry.pending.append(PendingVa(va, "", source, armed=True))
+                self.registry.pending.append(PendingVa(va, "", source, armed=True, until=until))
             return False
-        self.registry.add_frame(frame, index, source, va=canonical_va(va))
+        self.registry.add_frame(frame, index, source, va=canonical_va(va), until=until)
         return True
 
     def _resolve_on_access(self, index: int, vcpu: int, va: int, pa: int) -> None:
@@ -282,7 +317,7 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
         if not hit:
             return
         for p in hit:
-            self._resolve_va(index, vcpu, p.va, p.source, pa)
+            self._resolve_va(index, vcpu, p.va, p.source, pa, until=p.until)
         reg.pending = [p for p in reg.pending if p not in hit]
         self._registration_changed(index, vcpu)
 
@@ -346,7 +381,9 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
                 {"root": iv.value, "from": iv.start, "to": iv.end, "source": iv.source}
                 for r in sorted(self.registry.root_history)
                 for iv in self.registry.root_history[r]],
-            "unresolved": [p.source for p in self.registry.pending],
+            "unresolved": [p.source for p in self.registry.pending] + [
+                f"{s.text}: no console line matched" for s in self.registry.console_specs
+                if s.text not in self.registry.console_matched],
             "warnings": [f"event {e}: {w}" for e, w in self.registry.warnings],
         }
         out["c7_run"] = self._c7_done
