@@ -16,7 +16,7 @@ work=$build/scenarios/$name
 root=$work/root
 rm -rf "$work" && mkdir -p "$work/src" "$root"/{bin,proc,sys,dev,scenario}
 cp -rL "$src"/. "$work/src/"  # -L: a scenario may link files of another
-cp "$top/scenarios/common/stmark.h" "$work/src/"
+cp "$top/scenarios/common/stmark.h" "$top/scenarios/common/stmark_module.h" "$work/src/"
 
 if [ -f "$work/src/Kbuild" ]; then
     # Build at a fixed path: paths end up in the module's debug info and

@@ -152,6 +152,17 @@ def test_interval_reports_only_the_announced_life(module_capture: ModuleCapture,
     assert symbol.startswith("st_alias_life+") and symbol.endswith(" [st_alias]")
 
 
+def test_terminal_report_names_the_module_functions(module_capture: ModuleCapture) -> None:
+    # the command a user runs, its terminal report read back: the module's
+    # function with its [module] suffix, printed as text (rich would eat a
+    # "[st_alias]" read as markup)
+    proc = run_cli("replay", str(module_capture.trace), "--secure", INTERVAL,
+                   "--watch-console", r"st_alias: ALIAS ([0-9a-f]+)")
+    assert proc.returncode == 0, proc.stderr
+    named = re.findall(r"st_alias_life\+0x[0-9a-f]+ \[st_alias\]", proc.stdout)
+    assert named, proc.stdout[-3000:]
+
+
 def test_whole_window_mixes_in_the_other_lives(module_capture: ModuleCapture,
                                                tmp_path: Path) -> None:
     cap = module_capture

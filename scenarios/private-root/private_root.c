@@ -49,6 +49,7 @@
 #include "stmark.h"
 
 #define PR "private-root: "
+#include "stmark_module.h"
 
 /* Slot 256, PUD/PMD/PTE index 1 each: every level uses a non-zero index. */
 #define PRIV_VA		0xffff800040201000UL
@@ -77,60 +78,9 @@ static unsigned int passes = 4;
 module_param(passes, uint, 0444);
 MODULE_PARM_DESC(passes, "CR3 switches into the private root (default 4)");
 
-static void mark(const char *fmt, ...) __printf(1, 2);
-static void mark(const char *fmt, ...)
-{
-	char text[STMARK_MAX_LEN + 1];
-	va_list ap;
-	int len;
-
-	va_start(ap, fmt);
-	len = vscnprintf(text, sizeof(text), fmt, ap);
-	va_end(ap);
-	stmark_raw(text, len);
-	pr_info(PR "marker \"%s\"\n", text);
-}
-
 static u64 table_entry(void *table)
 {
 	return __sme_pa(table) | TABLE_FLAGS;
-}
-
-/* The size of the direct-map mapping that covers VA (the replay's FL1/L1). */
-static const char *direct_map_size(void *va)
-{
-	unsigned int level;
-
-	if (!lookup_address((unsigned long)va, &level))
-		return "no";
-	return level == PG_LEVEL_1G ? "1G" : level == PG_LEVEL_2M ? "2M" : "4K";
-}
-
-/*
- * One visit: with interrupts off (nothing else may run on the private
- * root), load it, write then read the secure page, load the old root.
- *
- * The private CR3 has PCID 0 and bit 63 (no-flush) clear. Linux never gives
- * PCID 0 to an mm (kern_pcid() is ASID+1) precisely so that PCID-unaware
- * code can do this: the write flushes PCID 0's non-global entries, so a
- * translation left over from an earlier visit is never reused. The old
- * value read back from CR3 never has bit 63 set, so restoring it flushes
- * that PCID's non-global entries too: slower, never wrong. Without PCID
- * both writes are plain full (non-global) flushes.
- */
-static u64 visit(unsigned long root, u64 *va, u64 value)
-{
-	unsigned long flags, old;
-	u64 got;
-
-	local_irq_save(flags);
-	old = __native_read_cr3();
-	native_write_cr3(root);
-	WRITE_ONCE(*va, value);
-	got = READ_ONCE(*va);
-	native_write_cr3(old);
-	local_irq_restore(flags);
-	return got;
 }
 
 static int __init private_root_init(void)
@@ -195,7 +145,7 @@ static int __init private_root_init(void)
 	mark("secure-frame %#lx 1", page_pa);
 	for (i = 0; i < passes; i++) {
 		u64 value = 0x53494d0000000000ULL | i;	/* "SIM" */
-		u64 got = visit(root, (u64 *)PRIV_VA, value);
+		u64 got = visit_root(root, (u64 *)PRIV_VA, value);
 
 		pr_info(PR "pass %u: cr3 %#lx wrote %#llx read %#llx%s\n",
 			i, root, value, got, got == value ? "" : " MISMATCH");

@@ -45,6 +45,7 @@
 #include "stmark.h"
 
 #define PR "reserved-root: "
+#include "stmark_module.h"
 
 #define PRIV_VA		0xffff800040201000UL
 #define SLOT(va, shift)	(((va) >> (shift)) & 511)
@@ -70,20 +71,6 @@ static unsigned long frame_pa(int f)
 	return base + (unsigned long)f * PAGE_SIZE;
 }
 
-static void mark(const char *fmt, ...) __printf(1, 2);
-static void mark(const char *fmt, ...)
-{
-	char text[STMARK_MAX_LEN + 1];
-	va_list ap;
-	int len;
-
-	va_start(ap, fmt);
-	len = vscnprintf(text, sizeof(text), fmt, ap);
-	va_end(ap);
-	stmark_raw(text, len);
-	pr_info(PR "marker \"%s\"\n", text);
-}
-
 /* Is VA mapped in the kernel's own tables (the direct map check)? */
 static bool kernel_maps(unsigned long va)
 {
@@ -91,22 +78,6 @@ static bool kernel_maps(unsigned long va)
 	pte_t *pte = lookup_address(va, &level);
 
 	return pte && pte_present(*pte);
-}
-
-/* Write then read the page at PRIV_VA on the private root, irqs off. */
-static u64 visit(unsigned long root, u64 value)
-{
-	unsigned long flags, old;
-	u64 got;
-
-	local_irq_save(flags);
-	old = __native_read_cr3();
-	native_write_cr3(root);
-	WRITE_ONCE(*(u64 *)PRIV_VA, value);
-	got = READ_ONCE(*(u64 *)PRIV_VA);
-	native_write_cr3(old);
-	local_irq_restore(flags);
-	return got;
 }
 
 static int __init reserved_root_init(void)
@@ -176,7 +147,7 @@ static int __init reserved_root_init(void)
 	mark("secure-frame %#lx 1", frame_pa(F_PAGE));
 	for (i = 0; i < passes; i++) {
 		u64 value = 0x5245530000000000ULL | i;	/* "RES" */
-		u64 got = visit(frame_pa(F_PGD), value);
+		u64 got = visit_root(frame_pa(F_PGD), (u64 *)PRIV_VA, value);
 
 		pr_info(PR "pass %u: wrote %#llx read %#llx%s\n", i, value, got,
 			got == value ? "" : " MISMATCH");

@@ -54,6 +54,7 @@
 #include "stmark.h"
 
 #define PR "shared-l1: "
+#include "stmark_module.h"
 
 /* The secure root's VA (slot 256) and the normal root's alias (slot 257). */
 #define PRIV_VA		0xffff800040201000UL
@@ -79,53 +80,9 @@ module_param(alias_read, bool, 0444);
 MODULE_PARM_DESC(alias_read,
 		 "read the secret through the normal root's alias (default 1)");
 
-static void mark(const char *fmt, ...) __printf(1, 2);
-static void mark(const char *fmt, ...)
-{
-	char text[STMARK_MAX_LEN + 1];
-	va_list ap;
-	int len;
-
-	va_start(ap, fmt);
-	len = vscnprintf(text, sizeof(text), fmt, ap);
-	va_end(ap);
-	stmark_raw(text, len);
-	pr_info(PR "marker \"%s\"\n", text);
-}
-
 static u64 table_entry(void *table)
 {
 	return __sme_pa(table) | TABLE_FLAGS;
-}
-
-/* The size of the direct-map mapping that covers VA (the replay's FL1/L1). */
-static const char *direct_map_size(void *va)
-{
-	unsigned int level;
-
-	if (!lookup_address((unsigned long)va, &level))
-		return "no";
-	return level == PG_LEVEL_1G ? "1G" : level == PG_LEVEL_2M ? "2M" : "4K";
-}
-
-/*
- * One visit to the private root, interrupts off; CR3 handling as in
- * private_root: PCID 0 with a flush on the way in, the old CR3 (which never
- * reads back with the no-flush bit) on the way out.
- */
-static u64 visit(unsigned long root, u64 *va, u64 value)
-{
-	unsigned long flags, old;
-	u64 got;
-
-	local_irq_save(flags);
-	old = __native_read_cr3();
-	native_write_cr3(root);
-	WRITE_ONCE(*va, value);
-	got = READ_ONCE(*va);
-	native_write_cr3(old);
-	local_irq_restore(flags);
-	return got;
 }
 
 static int __init shared_l1_init(void)
@@ -200,7 +157,7 @@ static int __init shared_l1_init(void)
 	mark("secure-frame %#lx 1", page_pa);
 	for (i = 0; i < passes; i++) {
 		u64 value = 0x53494d0000000000ULL | i;	/* "SIM" */
-		u64 got = visit(root, (u64 *)PRIV_VA, value);
+		u64 got = visit_root(root, (u64 *)PRIV_VA, value);
 
 		pr_info(PR "pass %u: cr3 %#lx wrote %#llx read %#llx%s\n",
 			i, root, value, got, got == value ? "" : " MISMATCH");
