@@ -100,6 +100,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #define CR0_PG          (1ULL << 31)
 #define EFER_LME        (1ULL << 8)
 #define EFER_LMA        (1ULL << 10)
+#define CR4_PGE         (1ULL << 7)
+#define CR4_PCIDE       (1ULL << 17)
 /* Linux puts user space in the lower half: our user-mode test. */
 #define USER_TOP        0x0000800000000000ULL
 
@@ -303,7 +305,7 @@ static uint64_t walk(VCpu *v, unsigned int vcpu, uint64_t va, bool track)
 static void track_root(VCpu *v, unsigned int vcpu)
 {
     if (v->lm && v->cr3_known) {
-        pt_snapshot_tree(vcpu, v->cr3 & PTE_ADDR, 4);
+        pt_set_root(vcpu, v->cr3);
     }
 }
 
@@ -665,6 +667,7 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
         bump_epoch();
         if (rec.window_open && !rec.finished) {
             out_emit(ST_KIND_CR3_WRITE, vcpu_index, 0, 0, 0, pc, value);
+            pt_flushed(vcpu_index);     /* QEMU empties its TLB */
             track_root(v, vcpu_index);
         }
         break;
@@ -673,6 +676,9 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
         bump_epoch();
         if (rec.window_open && !rec.finished) {
             out_emit(ST_KIND_CR4_WRITE, vcpu_index, 0, 0, prev, pc, value);
+            if ((prev ^ value) & (CR4_PGE | CR4_PCIDE)) {
+                pt_flushed(vcpu_index);
+            }
         }
         break;
     }
@@ -715,6 +721,9 @@ static void vcpu_invpcid(unsigned int vcpu_index, void *udata)
     if (rec.window_open && !rec.finished) {
         out_emit(ST_KIND_INVPCID, vcpu_index, 0, desc[1], desc[0] & 0xfff,
                  pc, type);
+        if (type == 2 || type == 3) {   /* every context */
+            pt_flushed(vcpu_index);
+        }
     }
     rec_unlock();
 }
