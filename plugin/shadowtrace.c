@@ -36,8 +36,9 @@
  * frame is followed by one TABLE_WRITE per 8-byte entry it touched, read
  * back from RAM (memory callbacks run after the access); an entry that
  * becomes present and points to an untracked table gets its subtree
- * snapshotted. The bitmap is cleared whenever a window opens, since the
- * replayer then forgets everything it knew. Walks are only made once a
+ * snapshotted. A frame nothing can reach any more stops being tracked
+ * (UNTRACK, tablerefs.h). The bitmap is cleared whenever a window opens,
+ * since the replayer then forgets everything it knew. Walks are only made once a
  * vCPU runs in long mode (followed through CR0 writes and EFER), since
  * before that CR3 does not point at 4-level tables.
  *
@@ -45,7 +46,7 @@
  * one of the same kind (READ/WRITE/FETCH, user/kernel) to the same 4 KiB
  * page within the current epoch. A global epoch is bumped by every event
  * that can change a translation: CR3 writes on any vCPU, TABLE_WRITEs,
- * INVLPG, INVPCID, CR0/CR4 writes and window changes. Each vCPU has a
+ * UNTRACKs, INVLPG, INVPCID, CR0/CR4 writes and window changes. Each vCPU has a
  * direct-mapped cache of (page, kind) -> epoch; a miss only records.
  * Stores into tracked frames are never dropped.
  *
