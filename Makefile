@@ -23,7 +23,7 @@ PLUGIN    := $(BUILD)/plugin/libshadowtrace.so
 # the plugin's units: every .c and .h in plugin/ (its C tests are in plugin/tests/)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_HDR := $(wildcard plugin/*.h)
-PLUGIN_TESTS := $(BUILD)/plugin/test_decode $(BUILD)/plugin/test_console
+PLUGIN_TESTS := $(BUILD)/plugin/test_decode $(BUILD)/plugin/test_console $(BUILD)/plugin/test_tablerefs
 QEMU_INC  := $(BUILD)/qemu-include
 GEN       := $(BUILD)/gen
 XEN       := $(BUILD)/xen
@@ -60,9 +60,9 @@ $(PLUGIN): $(PLUGIN_SRC) $(PLUGIN_HDR) $(GEN)/trace_format.h $(QEMU_INC)/qemu-pl
 	    -I$(GEN) -I$(QEMU_INC) \
 	    $$(pkg-config --cflags --libs glib-2.0) -lmsgpackc -lzstd -lpthread
 
-# the decoder and the console encoder are pure functions: tested on byte
-# strings, under ASan/UBSan
-# (a truncated buffer is copied to a block of its own size)
+# the decoder, the console encoder and the table-frame rule are pure:
+# tested on byte strings and on a small fake RAM, under ASan/UBSan (a
+# truncated buffer is copied to a block of its own size)
 plugin-test: $(PLUGIN_TESTS)
 	@for t in $^; do echo "$$t"; $$t || exit 1; done
 $(BUILD)/plugin/test_decode: plugin/tests/test_decode.c plugin/decode.c plugin/decode.h
@@ -73,6 +73,10 @@ $(BUILD)/plugin/test_console: plugin/tests/test_console.c plugin/console.c plugi
 	@mkdir -p $(dir $@)
 	gcc -O1 -g -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -Iplugin -I$(GEN) -o $@ plugin/tests/test_console.c plugin/console.c
+$(BUILD)/plugin/test_tablerefs: plugin/tests/test_tablerefs.c plugin/tablerefs.c plugin/tablerefs.h
+	@mkdir -p $(dir $@)
+	gcc -O1 -g -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -Iplugin -o $@ plugin/tests/test_tablerefs.c plugin/tablerefs.c
 
 # -- the guest: Debian kernel + one busybox initramfs per scenario ----------
 guest: $(GUEST)/vmlinuz $(GUEST)/kallsyms $(GUEST)/kernel-offsets $(SCENARIOS:%=$(GUEST)/%.cpio.gz)

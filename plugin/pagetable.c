@@ -3,9 +3,11 @@
  *
  * A root is snapshotted with its whole reachable tree (every present
  * non-leaf entry at levels 4, 3, 2) the first time it is seen; each
- * tracking walk snapshots any untracked frame on its path, with its
- * subtree; a store into a tracked frame becomes one TABLE_WRITE per entry
- * it touched. Only 4-level paging is walked. See pagetable.h.
+ * tracking walk makes sure every frame on its path is tracked; a store
+ * into a tracked frame becomes one TABLE_WRITE per entry it touched. When
+ * a frame stops being tracked is tablerefs.c's rule; this unit maps RAM,
+ * walks, and turns tablerefs' events into trace events. Only 4-level
+ * paging is walked. See pagetable.h.
  */
 
 #include <errno.h>
@@ -27,8 +29,6 @@
 
 const uint8_t *pt_ram;
 uint64_t pt_ram_limit;
-uint64_t *pt_tracked;
-static uint8_t *frame_level;        /* 4..1: level of a tracked frame */
 static const char *ram_path;
 static uint64_t ram_size;
 
@@ -38,9 +38,35 @@ static uintptr_t qram_host;
 static size_t qram_len;
 static uint64_t qram_off;
 
+static void emit_snapshot(unsigned int vcpu, uint64_t frame, uint64_t *ents)
+{
+    uint32_t idx;
+
+    /* The entries are taken from the copy: the chunk may be handed off next. */
+    memcpy(ents, out_add_page(pt_ram + frame, &idx), ST_PAGE_SIZE);
+    out_emit(ST_KIND_SNAPSHOT, vcpu, 0, 0, frame, 0, idx);
+}
+
+static void emit_table_write(unsigned int vcpu, uint64_t va, uint64_t ea,
+                             uint64_t pc, uint64_t val)
+{
+    out_emit(ST_KIND_TABLE_WRITE, vcpu, 0, va, ea, pc, val);
+}
+
+static void emit_untrack(unsigned int vcpu, uint64_t frame, int level,
+                         uint64_t pc)
+{
+    out_emit(ST_KIND_UNTRACK, vcpu, 0, 0, frame, pc, (uint64_t)level);
+}
+
+static const TrSink sink = {
+    .snapshot = emit_snapshot,
+    .table_write = emit_table_write,
+    .untrack = emit_untrack,
+};
+
 char *pt_open_ram(const char *path, uint64_t size)
 {
-    size_t frames;
     void *map;
     int fd;
 
@@ -58,9 +84,12 @@ char *pt_open_ram(const char *path, uint64_t size)
     ram_size = size;
     pt_ram = map;
     pt_ram_limit = MIN(size, LOW_RAM_LIMIT) & PAGE_MASK;
-    frames = pt_ram_limit >> PAGE_SHIFT;
-    pt_tracked = g_new0(uint64_t, (frames + 63) / 64);
-    frame_level = g_new0(uint8_t, frames);
+    if (!tr_open(pt_ram, pt_ram_limit, &sink)) {
+        munmap(map, size);
+        pt_ram = NULL;
+        pt_ram_limit = 0;
+        return g_strdup("out of memory for the table-frame state");
+    }
     return NULL;
 }
 
@@ -69,10 +98,7 @@ void pt_close_ram(void)
     munmap((void *)pt_ram, ram_size);
     pt_ram = NULL;
     pt_ram_limit = 0;
-    g_free(pt_tracked);
-    pt_tracked = NULL;
-    g_free(frame_level);
-    frame_level = NULL;
+    tr_close();
 }
 
 /* Find QEMU's mapping of the RAM file in /proc/self/maps (not ours). */
@@ -115,43 +141,26 @@ uint64_t pt_host_to_pa(uintptr_t h)
 
 void pt_forget_all(void)
 {
-    size_t words = ((pt_ram_limit >> PAGE_SHIFT) + 63) / 64;
-
-    for (size_t i = 0; i < words; i++) {
-        __atomic_store_n(&pt_tracked[i], 0, __ATOMIC_RELAXED);
-    }
+    tr_forget_all();
 }
 
-void pt_snapshot_tree(unsigned int vcpu, uint64_t frame, int level)
+void pt_set_root(unsigned int vcpu, uint64_t cr3)
 {
-    uint64_t f = frame >> PAGE_SHIFT;
-    uint64_t ents[ST_PAGE_SIZE / 8];
-    uint32_t idx;
+    tr_set_root(vcpu, cr3 == TR_NO_ROOT ? TR_NO_ROOT : cr3 & PTE_ADDR);
+}
 
-    if (!pt_frame_in_ram(frame) || pt_is_tracked(frame)) {
-        return;
-    }
-    __atomic_fetch_or(&pt_tracked[f >> 6], 1ULL << (f & 63), __ATOMIC_RELAXED);
-    frame_level[f] = (uint8_t)level;
-    /* Children are taken from the copy: the chunk may be handed off next. */
-    memcpy(ents, out_add_page(pt_ram + frame, &idx), ST_PAGE_SIZE);
-    out_emit(ST_KIND_SNAPSHOT, vcpu, 0, 0, frame, 0, idx);
-    if (level == 1) {
-        return;
-    }
-    for (unsigned int i = 0; i < ST_PAGE_SIZE / 8; i++) {
-        uint64_t e = ents[i];
-        if (!(e & PTE_P) || (level < 4 && (e & PTE_PS))) {
-            continue;
-        }
-        pt_snapshot_tree(vcpu, e & PTE_ADDR, level - 1);
-    }
+void pt_flushed(unsigned int vcpu)
+{
+    tr_flushed(vcpu);
 }
 
 uint64_t pt_walk(uint64_t cr3, unsigned int vcpu, uint64_t va, bool track)
 {
     uint64_t table = cr3 & PTE_ADDR;
 
+    if (track) {
+        tr_set_root(vcpu, table);
+    }
     for (int level = 4; level >= 1; level--) {
         unsigned int shift = PAGE_SHIFT + 9 * (level - 1);
         uint64_t e;
@@ -159,8 +168,8 @@ uint64_t pt_walk(uint64_t cr3, unsigned int vcpu, uint64_t va, bool track)
         if (!pt_frame_in_ram(table)) {
             return PA_UNKNOWN;
         }
-        if (track && !pt_is_tracked(table)) {
-            pt_snapshot_tree(vcpu, table, level);
+        if (track && level < 4) {
+            tr_reach(vcpu, table, level);
         }
         e = pt_ram_u64(table + ((va >> shift) & 511) * 8);
         if (!(e & PTE_P)) {
@@ -183,23 +192,5 @@ uint64_t pt_walk(uint64_t cr3, unsigned int vcpu, uint64_t va, bool track)
 bool pt_table_store(unsigned int vcpu, uint64_t va, uint64_t pa,
                     unsigned int size, uint64_t pc)
 {
-    uint64_t first = pa & ~7ULL, last = (pa + size - 1) & ~7ULL;
-    bool any = false;
-
-    for (uint64_t ea = first; ea <= last; ea += 8) {
-        uint64_t frame = ea & PAGE_MASK, e;
-        int level;
-
-        if (!pt_is_tracked(frame)) {
-            continue;
-        }
-        e = pt_ram_u64(ea);
-        out_emit(ST_KIND_TABLE_WRITE, vcpu, 0, va, ea, pc, e);
-        any = true;
-        level = frame_level[frame >> PAGE_SHIFT];
-        if (level > 1 && (e & PTE_P) && (level == 4 || !(e & PTE_PS))) {
-            pt_snapshot_tree(vcpu, e & PTE_ADDR, level - 1);
-        }
-    }
-    return any;
+    return tr_store(vcpu, va, pa, size, pc);
 }

@@ -3,15 +3,16 @@
  *
  * Guest RAM is a memory-backend-file that we map read-only: a file offset
  * is a guest-physical address, so the plugin walks the guest's 4-level
- * tables itself. A bitmap marks the frames tracked as tables, and a byte
- * per frame their level. Snapshots (SNAPSHOT events with a copy of the
- * frame) and TABLE_WRITEs go into the output pipeline (output.h).
+ * tables itself. Which frames are tracked as tables, and until when, is
+ * tablerefs.h's job; this unit feeds it (roots, flushes, walks, stores)
+ * and sends its SNAPSHOT, TABLE_WRITE and UNTRACK events into the output
+ * pipeline (output.h).
  *
- * Threads: every function that may snapshot or emit (pt_snapshot_tree,
- * pt_walk with track, pt_table_store, pt_forget_all) is called with the
- * recording side serialised (trace_lock under MTTCG). The bitmap is also
- * read lock-free (pt_is_tracked, from vcpu_mem), so its words are only
- * accessed with __atomic operations.
+ * Threads: every function that may snapshot or emit (pt_set_root,
+ * pt_flushed, pt_walk with track, pt_table_store, pt_forget_all) is called
+ * with the recording side serialised (trace_lock under MTTCG). The bitmap
+ * is also read lock-free (pt_is_tracked, from vcpu_mem), with __atomic
+ * loads.
  */
 
 #ifndef SHADOWTRACE_PAGETABLE_H
@@ -22,15 +23,7 @@
 #include <string.h>
 
 #include "trace_format.h"
-
-/* x86-64 paging */
-#define PTE_P           0x1ULL
-#define PTE_PS          0x80ULL
-#define PTE_ADDR        0x000ffffffffff000ULL
-#define PTE_ADDR_1G     0x000fffffc0000000ULL
-#define PTE_ADDR_2M     0x000fffffffe00000ULL
-#define PAGE_SHIFT      12
-#define PAGE_MASK       (~(uint64_t)(ST_PAGE_SIZE - 1))
+#include "tablerefs.h"     /* also the x86-64 paging constants */
 /* Guest RAM readable through the backend file: the pc machine keeps it
  * below 3 GiB (file offset == guest-physical address). */
 #define LOW_RAM_LIMIT   0xc0000000ULL
@@ -39,7 +32,6 @@
 
 extern const uint8_t *pt_ram;       /* guest RAM, read-only */
 extern uint64_t pt_ram_limit;       /* readable bytes of it */
-extern uint64_t *pt_tracked;        /* bitmap of table frames */
 
 /*
  * Map the RAM file (size bytes) and allocate the bitmap. NULL on success,
@@ -61,21 +53,29 @@ uint64_t pt_host_to_pa(uintptr_t host);
 /* Forget every tracked frame (a window opens). */
 void pt_forget_all(void);
 
-/* Snapshot an untracked table frame and, below it, every present table. */
-void pt_snapshot_tree(unsigned int vcpu, uint64_t frame, int level);
+/*
+ * vcpu's root is now cr3 (4-level paging on), or none (TR_NO_ROOT): a root
+ * seen for the first time is snapshotted with its whole tree.
+ */
+void pt_set_root(unsigned int vcpu, uint64_t cr3);
+
+/* vcpu emptied its TLB (CR3 load, INVPCID 2/3, CR4.PGE/PCIDE change). */
+void pt_flushed(unsigned int vcpu);
 
 /*
- * Translate va from the 4-level root cr3. With `track`, snapshot any
- * untracked table on the way (with its subtree); without, read only.
- * PA_UNKNOWN when va is not mapped.
+ * Translate va from the 4-level root cr3. With `track`, make sure every
+ * table on the way is tracked (snapshotting one that is not, with its
+ * subtree) and that cr3 is vcpu's root; without, read only. PA_UNKNOWN
+ * when va is not mapped.
  */
 uint64_t pt_walk(uint64_t cr3, unsigned int vcpu, uint64_t va, bool track);
 
 /*
  * After a store of size bytes at pa: one TABLE_WRITE per 8-byte entry it
- * touched in a tracked frame (its new value, read back from RAM), and the
- * subtree of an entry that now points to an untracked table snapshotted.
- * True if it emitted any (the caller bumps the dedup epoch).
+ * touched in a tracked frame (its new value, read back from RAM), or the
+ * UNTRACK of an orphan (tablerefs.h), and the subtree of an entry that now
+ * points to an untracked table snapshotted. True if it emitted any (the
+ * caller bumps the dedup epoch).
  */
 bool pt_table_store(unsigned int vcpu, uint64_t va, uint64_t pa,
                     unsigned int size, uint64_t pc);
@@ -88,11 +88,7 @@ static inline bool pt_frame_in_ram(uint64_t pa)
 /* Lock-free: an atomic load of the bitmap word. */
 static inline bool pt_is_tracked(uint64_t pa)
 {
-    uint64_t f = pa >> PAGE_SHIFT;
-
-    return pa < pt_ram_limit &&
-           (__atomic_load_n(&pt_tracked[f >> 6], __ATOMIC_RELAXED) >>
-            (f & 63)) & 1;
+    return tr_is_tracked(pa);
 }
 
 static inline uint64_t pt_ram_u64(uint64_t pa)

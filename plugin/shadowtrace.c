@@ -36,8 +36,9 @@
  * frame is followed by one TABLE_WRITE per 8-byte entry it touched, read
  * back from RAM (memory callbacks run after the access); an entry that
  * becomes present and points to an untracked table gets its subtree
- * snapshotted. The bitmap is cleared whenever a window opens, since the
- * replayer then forgets everything it knew. Walks are only made once a
+ * snapshotted. A frame nothing can reach any more stops being tracked
+ * (UNTRACK, tablerefs.h). The bitmap is cleared whenever a window opens,
+ * since the replayer then forgets everything it knew. Walks are only made once a
  * vCPU runs in long mode (followed through CR0 writes and EFER), since
  * before that CR3 does not point at 4-level tables.
  *
@@ -45,7 +46,7 @@
  * one of the same kind (READ/WRITE/FETCH, user/kernel) to the same 4 KiB
  * page within the current epoch. A global epoch is bumped by every event
  * that can change a translation: CR3 writes on any vCPU, TABLE_WRITEs,
- * INVLPG, INVPCID, CR0/CR4 writes and window changes. Each vCPU has a
+ * UNTRACKs, INVLPG, INVPCID, CR0/CR4 writes and window changes. Each vCPU has a
  * direct-mapped cache of (page, kind) -> epoch; a miss only records.
  * Stores into tracked frames are never dropped.
  *
@@ -101,6 +102,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #define CR0_PG          (1ULL << 31)
 #define EFER_LME        (1ULL << 8)
 #define EFER_LMA        (1ULL << 10)
+#define CR4_PGE         (1ULL << 7)
+#define CR4_PCIDE       (1ULL << 17)
 /* Linux puts user space in the lower half: our user-mode test. */
 #define USER_TOP        0x0000800000000000ULL
 
@@ -312,7 +315,7 @@ static uint64_t walk(VCpu *v, unsigned int vcpu, uint64_t va, bool track)
 static void track_root(VCpu *v, unsigned int vcpu)
 {
     if (v->lm && v->cr3_known) {
-        pt_snapshot_tree(vcpu, v->cr3 & PTE_ADDR, 4);
+        pt_set_root(vcpu, v->cr3);
     }
 }
 
@@ -674,6 +677,7 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
         bump_epoch();
         if (rec.window_open && !rec.finished) {
             out_emit(ST_KIND_CR3_WRITE, vcpu_index, 0, 0, 0, pc, value);
+            pt_flushed(vcpu_index);     /* QEMU empties its TLB */
             track_root(v, vcpu_index);
         }
         break;
@@ -682,6 +686,9 @@ static void vcpu_cr_write(unsigned int vcpu_index, void *udata)
         bump_epoch();
         if (rec.window_open && !rec.finished) {
             out_emit(ST_KIND_CR4_WRITE, vcpu_index, 0, 0, prev, pc, value);
+            if ((prev ^ value) & (CR4_PGE | CR4_PCIDE)) {
+                pt_flushed(vcpu_index);
+            }
         }
         break;
     }
@@ -724,6 +731,9 @@ static void vcpu_invpcid(unsigned int vcpu_index, void *udata)
     if (rec.window_open && !rec.finished) {
         out_emit(ST_KIND_INVPCID, vcpu_index, 0, desc[1], desc[0] & 0xfff,
                  pc, type);
+        if (type == 2 || type == 3) {   /* every context */
+            pt_flushed(vcpu_index);
+        }
     }
     rec_unlock();
 }
