@@ -30,10 +30,17 @@ from typing import Any
 from replay.analysis.checks.checker import Checker
 from replay.analysis.golden import observed, read_expectation, write_expectation
 from replay.driver.replayer import Replayer, ReplayStats
-from replay.session import Replay, ReplayOptions, check_options, console_text, replay
+from replay.session import (
+    Replay,
+    ReplayOptions,
+    check_options,
+    console_text,
+    has_console_events,
+    replay,
+)
 from replay.shadow.engine import ShadowEngine
 from replay.shadow.types import Fact
-from replay.trace.reader import Chunk
+from replay.trace.reader import Chunk, TraceReader
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 EXPECTED = sorted(TRACES.glob("*.expected.json"))
@@ -125,10 +132,14 @@ class Lockstep:
         config = dataclasses.replace(replayer.engine.config, record_facts=True)
         engine = ShadowEngine(config)
         opts = self.opts
-        console = (console_text(opts.trace)
-                   if any(s.startswith("console:") for s in opts.secure) else None)
+        # the checker as replay.session makes it: console: specs follow the
+        # trace's console events, or the log beside a trace without them
+        with TraceReader(opts.trace) as reader:
+            events = has_console_events(reader.header)
+        console = (console_text(opts.trace) if not events
+                   and any(s.startswith("console:") for s in opts.secure) else None)
         self.slow_checker = Checker(engine, secure=list(opts.secure), console=console,
-                                    policy=opts.policy)
+                                    console_events=events, policy=opts.policy)
         self.slow = Replayer(engine, fast=False, dedup=replayer.dedup,
                              tools=[self.slow_checker])
 

@@ -40,6 +40,7 @@ from replay.analysis.checks.findings import Finding
 from replay.analysis.secure import parse_specs
 from replay.driver.replayer import replay_file
 from replay.guest.memory import cr3_root
+from replay.session import has_console_events
 from replay.trace import format as fmt
 from replay.trace.cut import cut_trace
 from replay.trace.reader import TraceReader, read_all
@@ -62,7 +63,12 @@ def identity(f: Finding, shift: int) -> Identity:
 
 
 def checked(path: Path, secure: list[str], console: Path) -> Checker:
-    checker, _, _ = check_file(path, parse_specs(secure, console.read_text()))
+    """A replay with the checks, its console: specs resolved as replay.session
+    does (from the trace's console events; the log beside an older trace)."""
+    with TraceReader(path) as reader:
+        events = has_console_events(reader.header)
+    text = None if events else console.read_text()
+    checker, _, _ = check_file(path, parse_specs(secure, text, console_events=events))
     return checker
 
 
@@ -99,7 +105,10 @@ def test_cut_start_stop_same_findings(tmp_path: Path, goldens: Goldens) -> None:
     assert len(cut_kinds) < len(full_kinds)
     first, end, base = cut_window(out)
     src_markers = [m for _, _, m in goldens("seed").replay.stats.markers]
-    assert src_markers[first] == ["start"] and src_markers[-15] == ["stop"]
+    assert src_markers[first] == ["start"]
+    # after stop only the module's 14 section markers (and console lines)
+    tail = [m[0] for m in src_markers[src_markers.index(["stop"]):] if m[0] != "console"]
+    assert tail == ["stop"] + ["module"] * 14
     # FROM is before the capture's WINDOW_OPEN: no state prefix, only the
     # carried kernel marker before it; module markers (after stop) follow
     assert base == 1 and int(cut_kinds[0]) == fmt.Kind.MARKER
@@ -126,12 +135,17 @@ def test_cut_start_stop_same_findings(tmp_path: Path, goldens: Goldens) -> None:
     e_full, e_cut = full.engine, cut.engine
     assert e_full is not None and e_cut is not None
     for name, value in e_full.counters.items():
-        if name != "events":  # the cut lacks the WINDOW_CLOSE after stop
+        # the cut lacks the WINDOW_CLOSE after stop, and the console lines
+        # printed after it (only symbol and live secure markers are carried)
+        if name not in ("events", "markers"):
             assert e_cut.counters[name] == value, name
 
 
 def test_cut_mid_window(tmp_path: Path, goldens: Goldens) -> None:
-    first, end = 246000, 400000
+    # about the middle half of seed's 79,469 events: the C5 (event 48,019),
+    # the C1 critical (48,026) and the C2 (55,036) of the seed page's frame
+    # fall inside, the page's allocation (25,225) before it
+    first, end = 39000, 63000
     out = tmp_path / "seed.mid.trace"
     res = cut_trace(SEED, out, events=(first, end))
     header, chunks, footer = read_all(out)
@@ -160,7 +174,8 @@ def test_cut_mid_window(tmp_path: Path, goldens: Goldens) -> None:
     _, stats = replay_file(out)
     assert stats.translations_unknown == 0
     assert stats.translation_mismatches == 0
-    assert stats.translations_checked > 100_000
+    # (the range holds about 22,000 accesses: most of them reach the check)
+    assert stats.translations_checked > 10_000
 
     # a registration that does not depend on history before FROM (the
     # frame the console VA resolves to in the full replay)

@@ -62,33 +62,46 @@ def symbols_in(doc: Any) -> list[str]:
     return []
 
 
-def test_copied_trace_names_its_pcs_without_build(tmp_path: Path) -> None:
-    """traces/private-root.trace (and its console log) copied to an empty
-    folder, replayed with build/ out of reach (SHADOWTRACE_BUILD: an empty
-    folder), names every PC of its timeline and findings as a replay in the
-    checkout does: the names travel in the trace's symbols map."""
-    copy = tmp_path / "away"
+def _replay_here_and_away(tmp_path: Path, name: str, *args: str) -> tuple[Any, Any, str]:
+    """traces/NAME.trace (and its console log) replayed in the checkout and
+    from a copy in an empty folder with build/ out of reach
+    (SHADOWTRACE_BUILD: an empty folder); (here JSON, away JSON, away stdout)."""
+    copy = tmp_path / f"away-{name}"
     copy.mkdir()
-    for name in ("private-root.trace", "private-root.console.log"):
-        shutil.copy(TOP / "traces" / name, copy / name)
-    empty = tmp_path / "no-build"
+    for f in (f"{name}.trace", f"{name}.console.log"):
+        shutil.copy(TOP / "traces" / f, copy / f)
+    empty = tmp_path / f"no-build-{name}"
     empty.mkdir()
-    # the VA its expectation file watches: the module's private page
-    args = ("--watch", "ffff800040201000")
-    here = run_cli("replay", str(TOP / "traces" / "private-root.trace"), *args,
-                   "--json", str(tmp_path / "here.json"))
-    away = run_cli("replay", str(copy / "private-root.trace"), *args,
-                   "--json", str(tmp_path / "away.json"), env={"SHADOWTRACE_BUILD": str(empty)})
+    here_json, away_json = tmp_path / f"{name}-here.json", tmp_path / f"{name}-away.json"
+    here = run_cli("replay", str(TOP / "traces" / f"{name}.trace"), *args,
+                   "--json", str(here_json))
+    away = run_cli("replay", str(copy / f"{name}.trace"), *args,
+                   "--json", str(away_json), env={"SHADOWTRACE_BUILD": str(empty)})
     assert here.returncode == 0 and away.returncode == 0, here.stderr + away.stderr
     assert away.stderr == ""  # no "no symbols" line: the trace has them
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("here.json", "away.json"))
+    a, b = (json.loads(f.read_text()) for f in (here_json, away_json))
+    return a, b, away.stdout
+
+
+def test_copied_trace_names_its_pcs_without_build(tmp_path: Path) -> None:
+    """A recorded trace copied to an empty folder, replayed without build/,
+    names every PC of its timeline and findings as a replay in the checkout
+    does: the names travel in the trace's symbols map."""
+    # private-root, watching its module's private page: the module's own
+    # functions (its first write builds the leaf)
+    a, b, out = _replay_here_and_away(tmp_path, "private-root", "--watch", "ffff800040201000")
     assert a["timelines"] == b["timelines"] and a["findings"] == b["findings"]
     names = symbols_in(b["timelines"]) + symbols_in(b["findings"])
-    # kernel functions and the module's own (its first write builds the leaf)
     assert any(n.endswith(" [private_root]") for n in names), names
-    assert any(not n.startswith("0x") and "[" not in n for n in names), names
     # the terminal report shows the module's name in brackets (not rich markup)
-    assert "private_root_init+0x40e [private_root]" in away.stdout
+    assert "private_root_init+0x40e [private_root]" in out
+    # seed, watching its printed page: kernel functions (clear_page_erms
+    # builds the leaf), named with the KASLR-free kernel's symbols
+    a, b, out = _replay_here_and_away(tmp_path, "seed", "--watch-console")
+    assert a["timelines"] == b["timelines"] and a["findings"] == b["findings"]
+    names = symbols_in(b["timelines"])
+    assert any(n.startswith("clear_page_erms+") for n in names), names
+    assert all(not n.startswith("0x") for n in names), names
 
 
 def test_no_symbols_anywhere_is_said_once(tmp_path: Path) -> None:
