@@ -94,6 +94,7 @@
 #include "decode.h"
 #include "output.h"
 #include "pagetable.h"
+#include "tablerefs.h"
 #include "vcpu_index.h"
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
@@ -1233,6 +1234,12 @@ static int parse_options(int argc, char **argv)
             if (!qemu_plugin_bool_parse(key, val, &opt_dedup)) {
                 return fail("bad dedup '%s' (on or off)", val);
             }
+        } else if (!strcmp(key, "untrack")) {
+            bool on;
+            if (!qemu_plugin_bool_parse(key, val, &on)) {
+                return fail("bad untrack '%s' (on or off)", val);
+            }
+            tr_set_untrack(on);
         } else if (!strcmp(key, "level")) {
             uint64_t lv;
             if (!parse_u64(val, &lv) || lv < 1 ||

@@ -71,6 +71,13 @@ static void bitmap_set(uint64_t frame, bool on)
     }
 }
 
+static bool untrack_on = true;
+
+void tr_set_untrack(bool on)
+{
+    untrack_on = on;
+}
+
 bool tr_open(const uint8_t *base, uint64_t limit, const TrSink *s)
 {
     ram = base;
@@ -355,7 +362,7 @@ bool tr_store(unsigned int vcpu, uint64_t va, uint64_t pa, unsigned int size,
         }
         any = true;
         if (f->orphan) {
-            if (f->writes == 0 && flushed_since(f)) {
+            if (untrack_on && f->writes == 0 && flushed_since(f)) {
                 untrack(vcpu, frame, f, pc);
                 continue;
             }

@@ -73,6 +73,13 @@ extern uint64_t tr_limit;           /* bytes of RAM covered */
 
 /* Track frames of ram[0, limit) (limit page-aligned). False: no memory. */
 bool tr_open(const uint8_t *ram, uint64_t limit, const TrSink *sink);
+/*
+ * Whether orphans are ever untracked (default yes). With no, every store
+ * into an orphan stays a TABLE_WRITE, as before the rule: traces for
+ * comparing with a Xen that keeps emulating stores into a freed frame it
+ * still shadows.
+ */
+void tr_set_untrack(bool on);
 void tr_close(void);
 
 /* Forget every frame, root and flush (a window opens). */

@@ -43,6 +43,8 @@ class CaptureOptions:
     scenario: str = "seed"
     out: Path = Path("traces/seed.trace")
     dedup: bool = True
+    #: untrack table frames nothing reaches (the plugin's untrack=, on by default)
+    untrack: bool = True
     smp: int = 1
     window: str = "markers"
     deterministic: bool = False
@@ -91,6 +93,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         "qemu": qemu_version(),
         "vcpus": str(opts.smp),
         **kernel_hooks(paths),
+        **({} if opts.untrack else {"untrack": "off"}),
     }
     config = MachineConfig(
         kernel=paths.kernel,

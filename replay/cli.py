@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "for --module and --scenario DIR)")
     cap.add_argument("--dedup", choices=("on", "off"), default="on",
                      help="drop accesses that cannot change shadow state (default on)")
+    cap.add_argument("--no-untrack", action="store_true",
+                     help="keep recording stores into freed page tables (no UNTRACK): "
+                          "traces that count every write Xen would still emulate")
     cap.add_argument("--window", choices=("markers", "all"), default="markers",
                      help="record between the start/stop markers, or the whole run")
     cap.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
@@ -167,7 +170,7 @@ def _capture(args: argparse.Namespace) -> int:
     opts = CaptureOptions(
         scenario=scenario, out=out, dedup=args.dedup == "on", smp=args.smp,
         window=args.window, deterministic=args.deterministic, timeout=args.timeout,
-        append=append,
+        append=append, untrack=not args.no_untrack,
     )
     try:
         with progress_printer(f"capturing {scenario}") as progress:
