@@ -37,6 +37,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ..guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P, PTE_PS
+
 
 @dataclass(frozen=True)
 class Interest:
@@ -143,9 +145,9 @@ class ToolSet:
         (a frame without shadow)."""
         if self.tw_all or frame in self.tw_frames:
             return True
-        if not value & 1 or not self.tw_links:  # not present
+        if not value & PTE_P or not self.tw_links:
             return False
-        return bool(value & 0x80) or (value & 0x000F_FFFF_FFFF_F000) >> 12 in self.tw_links
+        return bool(value & PTE_PS) or (value & ADDR_MASK) >> PAGE_SHIFT in self.tw_links
 
     def select(self, frames: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint64]
                ) -> npt.NDArray[np.intp]:

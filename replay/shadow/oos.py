@@ -85,15 +85,7 @@ class OutOfSync(EngineState):
             # current vCPU's pagetable_dying from the frame's (an L1: false).
             self._v(self._vcpu).pagetable_dying = frame in self.dying_frames
         self._remove_write_access(frame)
-        sh = self.shadows.get((frame, L1))
-        guest = self.guest.entries(frame)
-        if sh is not None and guest is not None:
-            entries = sh.entries
-            for i, g in enumerate(guest):
-                if entries[i] & _VISITED and (snap is None or snap[i] != g):
-                    target = (g & ADDR_MASK) >> PAGE_SHIFT if g & PTE_P else -1
-                    self._set_l1e(sh, i, self._propagate(g, 1, target, Fetch.PREFETCH), g,
-                                  "resync")
+        self._resync_l1(frame, snap)  # as _sh_resync calls sh_resync_l1
         self.counters["shadow_resync"] += 1
         self._fact("resynced", frame, int(L1), -1, 0, 0, "resync")
 
