@@ -355,3 +355,54 @@ def test_fast_path_with_translation_keys_as_bytes(
     path = write_trace(tmp_path / "w.trace", events, flush_every=97)
     fast, _ = both_paths(path, EngineConfig(vcpus=2))
     assert fast.engine.counters["table_writes"] > 0  # kernel-address stores were in it
+
+
+def test_c7_walks_again_only_translations_through_a_changed_entry(tmp_path: Path) -> None:
+    # Two pages A and B under one L1 table. The fast path keeps each matched
+    # translation until an entry its walk read changes: a store into another
+    # entry of the same L1 walks nothing again; the store that remaps A makes
+    # A's next access walk again, and finds its stale pa.
+    t = GuestTables()
+    root = t.new()
+    va_a, va_b = U, U + 0x1000
+    _, _, l1 = t.map(root, va_a, 0x1000)
+    t.map(root, va_b, 0x1001)
+    events: list[Ev] = [(K.SNAPSHOT, {"pa": f << 12}, page) for f, page in t.pages()]
+    events.append((K.CR3_WRITE, {"vcpu": 0, "val": root << 12}, None))
+
+    def read(va: int, frame: int) -> Ev:
+        return (K.READ, {"vcpu": 0, "va": va, "pa": frame << 12, "info": 8}, None)
+
+    def store(index: int, value: int) -> Ev:
+        pa = (l1 << 12) + 8 * index
+        return (K.TABLE_WRITE, {"vcpu": 0, "va": dm(l1) + 8 * index, "pa": pa, "val": value},
+                None)
+
+    events += [read(va_a, 0x1000), read(va_b, 0x1001),
+               store(5, (0x1005 << 12) | DATA),   # another entry of the same L1
+               read(va_a, 0x1000), read(va_b, 0x1001),
+               store(va_index(va_a, 1), (0x1007 << 12) | DATA),  # A remapped
+               read(va_a, 0x1000)]                # A's stale pa: a C7 finding
+    path = write_trace(tmp_path / "c7.trace", events)
+    _, chunks, _ = read_all(path)
+    rep = Replayer(ShadowEngine(EngineConfig(vcpus=2)), fast=True)
+    guest = rep.engine.guest
+    walks: list[int] = []
+    real = guest.translate
+
+    def counted(cr3: int, va: int, walked: list[int] | None = None) -> int:
+        walks.append(va)
+        return real(cr3, va, walked)
+
+    guest.translate = counted  # type: ignore[method-assign]
+    rep.run(chunks)
+    # A and B once each, then A again after its own entry changed: 3 walks
+    # (a cache dropped per frame would walk A and B again after the first
+    # store: 5)
+    assert walks == [va_a, va_b, va_a]
+    # the one stale access (the last event) is the one finding
+    assert rep.stats.translation_mismatches == 1
+    assert rep.stats.mismatches[0].event == len(events) - 1
+    # each of the 5 accesses was cross-checked, from the cache or by a walk
+    # (the mismatch too)
+    assert rep.stats.translations_checked == 5

@@ -44,6 +44,9 @@ _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 #: Fast path: runs of at most this many accesses between other events are
 #: taken one by one (cheaper than in bulk when short).
 _SHORT_RUN = 8
+#: Fast path: the matched translations are dropped all at once when their
+#: walks' entries noted (``_walked``) pass this many (bounds its memory).
+_WALKED_MAX = 1 << 20
 
 
 def _not_in(known: set[Any], keys: list[Any], lo: int, hi: int) -> list[int]:
@@ -100,7 +103,8 @@ class FastPath:
     _by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]]
     _matched: dict[tuple[object, ...], set[int | bytes]]
     _matched_layout: int
-    _walked: set[int]
+    _walked: dict[int, list[tuple[set[int | bytes], int | bytes]]]
+    _walked_n: int
     _stale: bool
     _ok_a: set[int]
     _ok_c: set[int | bytes]
@@ -108,7 +112,7 @@ class FastPath:
 
     if TYPE_CHECKING:
         def _c7(self, index: int, vcpu: int, va: int, pa: int,
-                vcpus: Sequence[Any]) -> bool: ...
+                vcpus: Sequence[Any], walked: list[int] | None = None) -> bool: ...
         def _other(self, chunk: Chunk, index: int, kind: int, vcpu: int, info: int,
                    va: int, pa: int, pc: int, val: int) -> None: ...
 
@@ -118,8 +122,8 @@ class FastPath:
 
         The allowed set is looked up again only when the engine was called
         since (``_stale``: nothing else changes its state). The matched
-        translations are kept across table changes that touched no frame
-        their walks read (``_walked``, :meth:`GuestMemory.layout_changes`)."""
+        translations are kept across table changes to entries (and frames)
+        their walks did not read (``_walked``, :meth:`GuestMemory.layout_changes`)."""
         eng = self.engine
         guest = eng.guest
         stale = self._stale
@@ -144,15 +148,30 @@ class FastPath:
         layout = guest.layout
         if layout != self._matched_layout:
             changed = guest.layout_changes(self._matched_layout)
-            if (changed is None or guest.ALL_FRAMES in changed
-                    or not self._walked.isdisjoint(changed)):
+            walked = self._walked
+            if changed is None or guest.ALL_FRAMES in changed or self._walked_n > _WALKED_MAX:
                 self._matched = {}
-                self._walked = set()
+                walked.clear()
+                self._walked_n = 0
+            elif walked:
+                for what in changed:
+                    for matched, ck in walked.pop(what, ()):
+                        matched.discard(ck)
             self._matched_layout = layout
         # the CR3s change only in engine calls (then _stale is set)
         ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
         self._ok_c, self._ok_c_vcpus = ok_c, c7_vcpus
         return self._ok_a, ok_c
+
+    def _rests_on(self, path: list[int], ok: set[int | bytes], key: int | bytes) -> None:
+        """Note that matched key ``key`` of ``ok`` holds while the entries
+        of ``path`` (and their frames) stay as they are."""
+        walked = self._walked
+        dep = (ok, key)
+        for eid in path:
+            walked.setdefault(eid, []).append(dep)
+            walked.setdefault(-2 - (eid >> 9), []).append(dep)  # GuestMemory.frame_id
+        self._walked_n += len(path)
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
         """:meth:`_loop` with runs of accesses in bulk.
@@ -279,8 +298,11 @@ class FastPath:
                 ck = ckeys[j]
                 if ck in ok_c:
                     st.translations_checked += 1
-                elif self._c7(index, vcpu, va, pa, c7_vcpus):
-                    ok_c.add(ck)
+                else:
+                    path: list[int] = []
+                    if self._c7(index, vcpu, va, pa, c7_vcpus, path):
+                        ok_c.add(ck)
+                        self._rests_on(path, ok_c, ck)
             ak = akeys[j]
             kind, info = kind_at(j), info_at(j)
             if ak in ok_a:

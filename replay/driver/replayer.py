@@ -197,8 +197,11 @@ class Replayer(FastPath):
         #: ... and translation keys that matched, per (layout, CR3s).
         self._matched: dict[tuple[object, ...], set[int | bytes]] = {}
         self._matched_layout = -1
-        #: ... the frames the walks of those translations read ...
-        self._walked: set[int] = set()
+        #: ... the matched keys resting on each entry / frame their walks
+        #: read (:meth:`GuestMemory.entry_id` / ``frame_id`` -> (set, key)),
+        #: so a table change drops only the translations through it ...
+        self._walked: dict[int, list[tuple[set[int | bytes], int | bytes]]] = {}
+        self._walked_n = 0
         #: ... and whether the engine was called since the allowed set
         #: (``_ok_a``) was looked up.
         self._stale = True
@@ -358,13 +361,15 @@ class Replayer(FastPath):
         else:
             eng.process(kind, index, vcpu, info, va, pa, pc, val)
 
-    def _c7(self, index: int, vcpu: int, va: int, pa: int, vcpus: Sequence[Any]) -> bool:
+    def _c7(self, index: int, vcpu: int, va: int, pa: int, vcpus: Sequence[Any],
+            walked: list[int] | None = None) -> bool:
         """Cross-check one access (C7): the model's walk of the guest tables
-        under the vCPU's CR3 against the trace's PA. True when they agree."""
+        under the vCPU's CR3 against the trace's PA. True when they agree;
+        ``walked``, if given, gets the entries the walk read."""
         st = self.stats
         cr3 = vcpus[vcpu].cr3 if vcpu < len(vcpus) else None
         model = (TRANSLATE_UNKNOWN if cr3 is None
-                 else self.engine.guest.translate(cr3, va, self._walked))
+                 else self.engine.guest.translate(cr3, va, walked))
         if model == TRANSLATE_UNKNOWN:
             st.translations_unknown += 1
             return False

@@ -137,8 +137,9 @@ class GuestMemory:
     entry or frame changes; ``layout`` only when something other than
     accessed/dirty bits does (callers may cache :meth:`translate` results
     against it: A/D updates by walks cannot change a translation).
-    ``layout_log`` says which frame each ``layout`` step changed, so a
-    cache of translations can keep those whose walks touched none of them.
+    ``layout_log`` says what each ``layout`` step changed (one entry, or a
+    whole frame: :meth:`entry_id`, :meth:`frame_id`), so a cache of
+    translations can keep those whose walks read none of them.
     """
 
     #: ``layout_log`` keeps at most about this many steps (the oldest half
@@ -146,6 +147,17 @@ class GuestMemory:
     LAYOUT_LOG_MAX = 1 << 14
     #: A ``layout_log`` entry meaning "every frame" (WINDOW_OPEN).
     ALL_FRAMES = -1
+
+    @staticmethod
+    def entry_id(frame: int, index: int) -> int:
+        """The ``layout_log`` id of entry ``index`` of ``frame`` (>= 0)."""
+        return frame << 9 | index
+
+    @staticmethod
+    def frame_id(frame: int) -> int:
+        """The ``layout_log`` id of a whole frame (a SNAPSHOT or UNTRACK:
+        below :data:`ALL_FRAMES`, so never an entry's id)."""
+        return -2 - frame
 
     def __init__(self) -> None:
         self.frames: dict[int, bytearray] = {}
@@ -166,7 +178,7 @@ class GuestMemory:
             raise ValueError(f"snapshot of {len(page)} bytes, not {PAGE_SIZE}")
         self.frames[frame] = bytearray(page)
         self.generation += 1
-        self._layout_step(frame)
+        self._layout_step(-2 - frame)
 
     def forget_all(self) -> None:
         """WINDOW_OPEN: nothing we knew can be trusted any more."""
@@ -180,22 +192,22 @@ class GuestMemory:
         if self.frames.pop(frame, None) is None:
             return False
         self.generation += 1
-        self._layout_step(frame)
+        self._layout_step(-2 - frame)
         return True
 
-    def _layout_step(self, frame: int) -> None:
+    def _layout_step(self, what: int) -> None:
         self.layout += 1
         log = self.layout_log
-        log.append(frame)
+        log.append(what)
         if len(log) > self.LAYOUT_LOG_MAX:
             drop = len(log) // 2
             del log[:drop]
             self.layout_start += drop
 
     def layout_changes(self, since: int) -> list[int] | None:
-        """The frames whose layout changed since ``layout`` was ``since``
-        (:data:`ALL_FRAMES` among them for a WINDOW_OPEN); None when the log
-        no longer reaches back that far."""
+        """What changed since ``layout`` was ``since``: entry and frame ids
+        (:meth:`entry_id`, :meth:`frame_id`; :data:`ALL_FRAMES` for a
+        WINDOW_OPEN); None when the log no longer reaches back that far."""
         if since < self.layout_start:
             return None
         return self.layout_log[since - self.layout_start:]
@@ -233,7 +245,7 @@ class GuestMemory:
             _PACK(page, off, value)
             self.generation += 1
             if (old ^ value) & ~_AD:
-                self._layout_step(pa >> PAGE_SHIFT)
+                self._layout_step((pa & ~7) >> 3)  # entry_id: frame << 9 | index
         return old
 
     def set_bits(self, frame: int, index: int, bits: int) -> None:
@@ -245,7 +257,7 @@ class GuestMemory:
             _PACK(page, off, old | bits)
             self.generation += 1
             if bits & ~old & ~_AD:
-                self._layout_step(frame)
+                self._layout_step(frame << 9 | index)
 
     # -- walking ---------------------------------------------------------
     def walk(
@@ -308,11 +320,13 @@ class GuestMemory:
                     entries[k] |= bits
         return Walk(WalkStatus.OK, va, level, frames, entries, FaultReason.NONE, gpa)
 
-    def translate(self, cr3: int, va: int, walked: set[int] | None = None) -> int:
+    def translate(self, cr3: int, va: int, walked: list[int] | None = None) -> int:
         """Guest-physical address of ``va`` ignoring rights, changing nothing
         (for cross-checks): :data:`TRANSLATE_UNKNOWN` if a frame on the path
         is unknown, :data:`TRANSLATE_UNMAPPED` if an entry is not present.
-        ``walked``, if given, gets every frame the walk read."""
+        ``walked``, if given, gets the :meth:`entry_id` of every entry the
+        walk read (a translation stays valid until one of them, or its
+        frame, changes)."""
         frames_map = self.frames
         frame = (cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT
         level = 4
@@ -320,9 +334,10 @@ class GuestMemory:
             page = frames_map.get(frame)
             if page is None:
                 return TRANSLATE_UNKNOWN
+            index = (va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF
             if walked is not None:
-                walked.add(frame)
-            entry = _UNPACK(page, ((va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF) << 3)[0]
+                walked.append(frame << 9 | index)
+            entry = _UNPACK(page, index << 3)[0]
             if not entry & PTE_P:
                 return TRANSLATE_UNMAPPED
             if level == 1 or (level in (2, 3) and entry & PTE_PS):
