@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write events.parquet and shadows.parquet into DIR")
     rep.add_argument("--allow-truncated", action="store_true",
                      help="replay the valid prefix of a trace without footer")
+    rep.add_argument("--truth", action="store_true",
+                     help="walk the rebuilt tables for every page of the ground truth beside "
+                          "the trace (QEMU's info tlb at the pause after the stop marker)")
     rep.set_defaults(func=_replay)
 
     chk = sub.add_parser("check", help="replay a trace and compare with stored expectations")
@@ -241,6 +244,7 @@ def _options(args: argparse.Namespace) -> Any:
         policy=args.policy, json=getattr(args, "json", None),
         parquet=getattr(args, "parquet", None),
         allow_truncated=getattr(args, "allow_truncated", False),
+        truth=getattr(args, "truth", False),
     )
 
 

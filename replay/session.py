@@ -49,6 +49,9 @@ class ReplayOptions:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     #: The progress bar on a terminal (off where many replays run at once).
     progress: bool = True
+    #: Check the rebuilt tables against the ground truth beside the trace
+    #: (``--truth``, :mod:`replay.analysis.truth`).
+    truth: bool = False
 
 
 @dataclass
@@ -190,6 +193,10 @@ def replay(
     from .trace.reader import TraceReader
 
     watch = list(opts.watch)
+    truth = None
+    if opts.truth:
+        from .analysis.truth import read_truth
+        truth = read_truth(side_paths(opts.trace)[1])  # before the replay: fail early
     if opts.watch_console is not None:
         text = console_text(opts.trace)
         found = console_vas(text, opts.watch_console, str(console_path(opts.trace)))
@@ -242,6 +249,9 @@ def replay(
         engine=engine, stats=stats, dedup=not opts.no_dedup, duration=duration,
         timeline=timeline if watch else None, findings=findings, namer=namer,
     )
+    if truth is not None:
+        from .analysis.truth import check_truth
+        doc["truth"] = [c.to_dict() for c in check_truth(engine.guest, truth)]
     if opts.json is not None:
         results.write_json(opts.json, doc)
     if opts.parquet is not None:

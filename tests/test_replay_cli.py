@@ -213,3 +213,43 @@ def test_progress_lines_when_stderr_is_not_a_terminal() -> None:
     bad = run_cli("replay", str(trace), env={"SHADOWTRACE_PROGRESS_EVERY": "soon"})
     assert bad.returncode != 0
     assert one_line(bad.stderr).endswith("not a number of seconds >= 0")
+
+
+def test_truth_walks_the_rebuilt_tables_for_every_page_qemu_maps(tmp_path: Path) -> None:
+    """``--truth`` on the recorded seed: QEMU's ``info tlb`` at the pause
+    after the stop marker against the tables rebuilt from the trace."""
+    from .replays import TRACES
+
+    out = tmp_path / "r.json"
+    proc = run_cli("replay", str(TRACES / "seed.trace"), "--truth", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (truth,) = json.loads(out.read_text())["truth"]  # one vCPU
+    assert "ground truth, vCPU 0" in proc.stdout
+    # QEMU lists each mapped page of the shell's root (user pages, the
+    # kernel image, the direct map's 4 KiB and 2 MiB pages): ~74,000
+    assert truth["pages"] > 70_000
+    # Every walk ends in frames the trace described (the plugin snapshots
+    # each table reachable from a loaded root before the window's first
+    # access, and every table linked in since).
+    assert truth["unknown"] == 0
+    # 2 pages differ: the guest runs on between the stop marker and the
+    # pause, and the shell wrote its data page 0x4a7000 (copy on write: a
+    # new frame) and mapped one more page (0x3bdd4000). One table the trace failed
+    # to rebuild would show as hundreds (an L1 maps 512 pages).
+    assert truth["differ"] == 2
+    assert {s["va"] for s in truth["samples"]} >= {"0x4a7000"}
+    assert truth["agree"] == truth["pages"] - 2
+
+
+def test_truth_without_its_file_is_one_line(tmp_path: Path) -> None:
+    from .replays import TRACES
+
+    lonely = tmp_path / "lonely.trace"
+    lonely.write_bytes((TRACES / "seed.trace").read_bytes())
+    proc = run_cli("replay", str(lonely), "--truth")
+    assert proc.returncode == 1
+    assert "no ground truth beside the trace" in one_line(proc.stderr)
+    (tmp_path / "lonely.truth.json.gz").write_text("not gzip")
+    proc = run_cli("replay", str(lonely), "--truth")
+    assert proc.returncode == 1
+    assert "not a ground-truth file" in one_line(proc.stderr)

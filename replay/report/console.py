@@ -297,6 +297,10 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
                f"({c7['checked']:,} accesses checked, {c7['unknown']:,} with unknown walks)")
     if doc["hazards"]["count"]:
         out.print(f"exit-less CR3 hazards (C6 input): {doc['hazards']['count']:,}")
+    for t in doc["truth"] or []:
+        out.print(f"ground truth, vCPU {t['vcpu']} (QEMU's info tlb under CR3 {t['cr3']}): "
+                  f"{t['pages']:,} pages, {t['agree']:,} mapped alike by the rebuilt tables, "
+                  f"{t['differ']:,} differ, {t['unknown']:,} unknown")
     for tl in doc["timelines"] or []:
         _print_timeline(tl)
     findings = doc["findings"]

@@ -27,7 +27,7 @@ SCHEMA = "shadowtrace.replay/1"
 #: Top-level keys of the JSON document, in order.
 TOP_KEYS: tuple[str, ...] = (
     "schema", "trace", "truncated", "config", "replay", "counters", "shadows",
-    "c7", "hazards", "timelines", "findings",
+    "c7", "hazards", "timelines", "findings", "truth",
 )
 #: Shadow types as reported, top down.
 SHADOW_TYPES: tuple[str, ...] = ("l4", "l3", "l2", "l1", "fl1")
@@ -207,6 +207,8 @@ def build(
         "timelines": None if timeline is None
         else [timeline_json(t, namer) for t in timeline.timelines.values()],
         "findings": None if findings is None else [finding_json(f, namer) for f in findings],
+        # the session fills it in when asked (--truth: replay.analysis.truth)
+        "truth": None,
     }
     assert tuple(doc) == TOP_KEYS
     return doc
