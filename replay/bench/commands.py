@@ -130,6 +130,8 @@ class CommandReplay:
     c7_mismatches: int = 0
     table_writes: int = 0
     findings: int = 0
+    #: ``--truth``'s counts summed over vCPUs: (pages, agree, differ, unknown).
+    truth: tuple[int, int, int, int] | None = None
 
 
 def command_replay(args: list[str], timeout: float) -> CommandReplay:
@@ -145,7 +147,9 @@ def command_replay(args: list[str], timeout: float) -> CommandReplay:
         c7_mismatches=int(doc["c7"]["mismatches"]),
         table_writes=int(by_kind.get(str(int(fmt.Kind.TABLE_WRITE)),
                                      by_kind.get(int(fmt.Kind.TABLE_WRITE), 0))),
-        findings=len(doc.get("findings") or []))
+        findings=len(doc.get("findings") or []),
+        truth=None if not doc.get("truth") else tuple(  # type: ignore[arg-type]
+            sum(int(t[k]) for t in doc["truth"]) for k in ("pages", "agree", "differ", "unknown")))
 
 
 def recorded(traces: Path, timeout: float) -> list[str]:
@@ -186,7 +190,7 @@ def whole_boot(work: Path, timeout: float) -> list[str]:
         return [f"whole-boot capture failed: {failed}"]
     size = trace.stat().st_size
     rep = command_replay(["replay", str(trace), "--watch-console",
-                          "--secure", f"console:{DEFAULT_CONSOLE_REGEX}"], timeout)
+                          "--secure", f"console:{DEFAULT_CONSOLE_REGEX}", "--truth"], timeout)
     lines = [f"whole-boot capture (`shadowtrace capture --scenario seed --window all`): "
              f"{cap.wall:.1f} s, {size / 2**20:.0f} MiB"]
     failed = rep.timed.failure()
@@ -200,6 +204,10 @@ def whole_boot(work: Path, timeout: float) -> list[str]:
         f"{rep.events:,} events ({rep.table_writes:,} TABLE_WRITEs), "
         f"{rep.events / max(rep.replay_s, 1e-9) / 1e6:.2f} M events/s, "
         f"peak {rep.timed.peak_mib:.0f} MiB, C7 mismatches {rep.c7_mismatches}",
+        "ground truth (`--truth`: QEMU's info tlb at the pause against the rebuilt tables): "
+        + ("none" if rep.truth is None else
+           f"{rep.truth[0]:,} pages, {rep.truth[1]:,} alike, {rep.truth[2]:,} differ, "
+           f"{rep.truth[3]:,} unknown"),
         f"targets: replay / capture = {ratio:.2f} (<= 2: {'met' if ratio <= 2 else 'MISSED'}), "
         f"peak < 1 GiB ({'met' if rep.timed.peak_mib < 1024 else 'MISSED'}), "
         f"TABLE_WRITEs <= 10 M ({'met' if rep.table_writes <= 10_000_000 else 'MISSED'})",
