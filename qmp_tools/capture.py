@@ -111,8 +111,9 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
     result = GuestRun(config, progress).run()
     duration = time.monotonic() - start
     try:
-        embed_symbols(partial, paths, opts.scenario)
-        summary = summarise(partial)
+        scanned = scan(partial)  # one read for the symbols and the counts
+        embed_symbols(partial, paths, opts.scenario, scanned)
+        summary = summarise(partial, scanned)
     except TraceError as err:
         raise GuestError(f"the plugin's trace is unusable: {err}", result.console_tail) from err
     os.replace(partial, out)
@@ -160,40 +161,73 @@ def kernel_hooks(paths: BuildPaths) -> dict[str, str]:
             "mm_pgd": str(mm_pgd), fmt.OPTION_CONSOLE: f"{addr[CONSOLE_WRITE]:#x}"}
 
 
-def embed_symbols(path: Path, paths: BuildPaths, scenario: str) -> int:
+@dataclass
+class TraceScan:
+    """What one read of a finished trace gives the capture: the distinct
+    PCs (for the symbols map), the markers, the events by kind, the footer."""
+
+    pcs: Any  # numpy uint64 array, sorted
+    markers: list[list[str]]
+    by_kind: dict[int, int]
+    footer: dict[str, Any]
+
+
+#: scan(): the per-chunk distinct PCs are merged when this many pile up (a
+#: whole boot without dedup has ~50,000 chunks: merging at every chunk
+#: would sort the growing set 50,000 times).
+_PC_MERGE = 1 << 20
+
+
+def scan(path: Path) -> TraceScan:
+    """Read the finished trace ``path`` once."""
+    import numpy as np
+
+    parts: list[Any] = []
+    pending = 0
+    kinds = np.zeros(256, dtype=np.int64)
+    markers: list[list[str]] = []
+    with TraceReader(path) as reader:
+        for chunk in reader:
+            distinct = np.unique(chunk.pc)
+            parts.append(distinct)
+            pending += len(distinct)
+            if pending > _PC_MERGE:
+                parts = [np.unique(np.concatenate(parts))]
+                pending = len(parts[0])
+            kinds += np.bincount(chunk.kind, minlength=256)
+            markers += chunk.markers
+        footer = reader.footer or {}
+    pcs = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+    by_kind = {int(k): int(c) for k, c in enumerate(kinds) if c}
+    return TraceScan(pcs, markers, by_kind, footer)
+
+
+def embed_symbols(path: Path, paths: BuildPaths, scenario: str,
+                  scanned: TraceScan | None = None) -> int:
     """Put the symbols naming the PCs of the finished trace ``path`` into it
     (the symbols map, right after the header): kernel text symbols of
     build/guest/kallsyms moved by the ``kernel _text`` marker's slide, the
     scenario's module functions at their ``module`` markers' addresses. Only
     the entries that name a PC of the trace are kept (a few thousand of the
-    kernel's ~50,000). Returns how many."""
-    import numpy as np
-
+    kernel's ~50,000). ``scanned`` is the trace's :func:`scan` if already
+    made. Returns how many."""
     from replay.guest.symbols import from_markers
     from replay.trace.symtab import TraceSymbols, insert
 
-    pcs = np.zeros(0, dtype=np.uint64)
-    markers: list[list[str]] = []
-    with TraceReader(path) as reader:
-        for chunk in reader:
-            pcs = np.union1d(pcs, chunk.pc)
-            markers += chunk.markers
-    syms = from_markers(markers, system_map=paths.kallsyms,
+    got = scan(path) if scanned is None else scanned
+    syms = from_markers(got.markers, system_map=paths.kallsyms,
                         module_dirs=[paths.module_dir(scenario)])
-    table = TraceSymbols.of(syms.covering(pcs.tolist()))
+    table = TraceSymbols.of(syms.covering(got.pcs.tolist()))
     insert(path, table)
     return len(table)
 
 
-def summarise(path: Path) -> dict[str, Any]:
-    """Counts a user wants after a capture (the whole trace is read)."""
-    by_kind = {k.name: 0 for k in fmt.Kind}
-    with TraceReader(path) as reader:
-        for chunk in reader:
-            counts = _bincount(chunk.kind)
-            for kind in fmt.Kind:
-                by_kind[kind.name] += counts.get(int(kind), 0)
-        footer = reader.footer or {}
+def summarise(path: Path, scanned: TraceScan | None = None) -> dict[str, Any]:
+    """Counts a user wants after a capture (the whole trace is read, unless
+    its :func:`scan` is given)."""
+    got = scan(path) if scanned is None else scanned
+    by_kind = {k.name: got.by_kind.get(int(k), 0) for k in fmt.Kind}
+    footer = got.footer
     accesses = sum(by_kind[k.name] for k in fmt.ACCESS_KINDS)
     size = path.stat().st_size
     return {
@@ -208,10 +242,3 @@ def summarise(path: Path) -> dict[str, Any]:
         "deduplicated": footer.get("deduplicated"),
         "dropped": footer.get("dropped"),
     }
-
-
-def _bincount(kind: Any) -> dict[int, int]:
-    import numpy as np
-
-    counts = np.bincount(kind, minlength=256)
-    return {int(i): int(c) for i, c in enumerate(counts) if c}
