@@ -125,7 +125,7 @@ lint: python
 	$(VENV)/bin/mypy
 
 # The model beside the real Xen for every recorded scenario (README, "Model vs real Xen").
-XEN_SCENARIOS := seed vmalloc fork private-root shared-l1 secretmem reserved-root reserved-root-lazy
+XEN_SCENARIOS := seed vmalloc fork smp-fork private-root shared-l1 secretmem reserved-root reserved-root-lazy
 xen-fidelity: setup xen
 	@mkdir -p out/xen
 	for s in $(XEN_SCENARIOS); do $(ST) xen --scenario $$s --out out/xen/$$s || exit 1; done

@@ -13,6 +13,7 @@
 typedef struct {
     uint64_t *ents;     /* levels 4-2: the entries as the trace has them */
     uint64_t at;        /* orphan: clock when it became unreachable (0: no vCPU can hold it) */
+    uint64_t owner;     /* the PGD whose user half links it, or TR_OWNER_ANY */
     uint32_t refs;      /* links from live tracked tables */
     uint16_t roots;     /* vCPUs whose root it is */
     uint8_t level;      /* 4..1; 0: untracked */
@@ -30,15 +31,18 @@ static size_t n_frames;
 /*
  * Flushes: a clock ticks at every orphaning and every flush, so "vCPU v
  * flushed after frame f became unreachable" is flushed[v] > f->at. Only
- * vCPUs that have had a root since the window opened count.
+ * vCPUs that have had a root since the window opened count, and of those
+ * only the ones that can hold a translation through f (can_hold).
  */
 static uint64_t clock_now;
 static uint64_t root_of[TR_MAX_VCPUS];
 static uint64_t flushed[TR_MAX_VCPUS];
 static bool active[TR_MAX_VCPUS];
 static uint64_t min_flushed = UINT64_MAX;   /* over active vCPUs */
+static unsigned int n_active_max;           /* 1 + the highest active vCPU */
 
-static void acquire(unsigned int vcpu, uint64_t frame, int level, bool root);
+static void acquire(unsigned int vcpu, uint64_t frame, int level, bool root,
+                    uint64_t owner);
 static void release(uint64_t frame, bool root);
 
 static inline Frame *frame_of(uint64_t frame)
@@ -124,6 +128,7 @@ void tr_forget_all(void)
         active[v] = false;
     }
     min_flushed = UINT64_MAX;
+    n_active_max = 0;
     clock_now = 0;
 }
 
@@ -137,14 +142,50 @@ static void update_min_flushed(void)
     }
 }
 
-/* Every vCPU that could hold a translation through f has flushed since. */
-static inline bool flushed_since(const Frame *f)
+/*
+ * Whether vCPU v's TLB can hold a translation through f. Since v's last
+ * flush its root has been root_of[v] (a CR3 load is a flush), so a frame
+ * of another PGD's user half was never on one of its walks since: Linux
+ * never links a user-half table from two PGDs, and TR_OWNER_ANY covers
+ * the kernel half (every PGD shares it) and any frame whose links came
+ * from more than one place. A vCPU that has lost its root is counted.
+ */
+static inline bool can_hold(unsigned int v, const Frame *f)
 {
-    return f->at == 0 || f->at < min_flushed;
+    return f->owner == TR_OWNER_ANY || root_of[v] == TR_NO_ROOT ||
+           root_of[v] == f->owner;
 }
 
-/* The counts of every child of a live table f. */
-static void take_children(unsigned int vcpu, Frame *f)
+/* Every vCPU that could hold a translation through f has flushed since. */
+static bool flushed_since(const Frame *f)
+{
+    if (f->at == 0 || f->at < min_flushed) {
+        return true;
+    }
+    for (unsigned int v = 0; v < n_active_max; v++) {
+        if (active[v] && flushed[v] < f->at && can_hold(v, f)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/*
+ * The owner a child linked by entry i of the level-`level` table f gets:
+ * f itself for a PGD's user half (entries below TR_KERNEL_HALF), f's own
+ * owner further down.
+ */
+static inline uint64_t child_owner(uint64_t frame, const Frame *f, int level,
+                                   unsigned int i)
+{
+    if (level == 4) {
+        return i < TR_KERNEL_HALF ? frame : TR_OWNER_ANY;
+    }
+    return f->owner;
+}
+
+/* The counts of every child of a live table f (frame). */
+static void take_children(unsigned int vcpu, uint64_t frame, Frame *f)
 {
     int level = f->level;
 
@@ -153,7 +194,8 @@ static void take_children(unsigned int vcpu, Frame *f)
     }
     for (unsigned int i = 0; i < TR_ENTRIES; i++) {
         if (is_link(f->ents[i], level)) {
-            acquire(vcpu, f->ents[i] & PTE_ADDR, level - 1, false);
+            acquire(vcpu, f->ents[i] & PTE_ADDR, level - 1, false,
+                    child_owner(frame, f, level, i));
         }
     }
 }
@@ -199,11 +241,24 @@ static void keep_entries(Frame *f, const uint64_t *ents)
 }
 
 /*
- * frame is linked at `level` (by an entry, or as a root): track it with a
- * SNAPSHOT if it is not, revive it if it is an orphan, and take its
- * children in both cases.
+ * The owner of a frame linked from `owner` now: the same, or TR_OWNER_ANY
+ * once two differ in one tracked life (kept until the frame is untracked,
+ * so a vCPU that walked it under an earlier owner is still counted).
  */
-static void acquire(unsigned int vcpu, uint64_t frame, int level, bool root)
+static inline void add_owner(Frame *f, uint64_t owner)
+{
+    if (f->owner != owner) {
+        f->owner = TR_OWNER_ANY;
+    }
+}
+
+/*
+ * frame is linked at `level` (by an entry of a table `owner` says whose,
+ * or as a root): track it with a SNAPSHOT if it is not, revive it if it is
+ * an orphan, and take its children in both cases.
+ */
+static void acquire(unsigned int vcpu, uint64_t frame, int level, bool root,
+                    uint64_t owner)
 {
     uint64_t ents[TR_ENTRIES];
     Frame *f;
@@ -221,10 +276,14 @@ static void acquire(unsigned int vcpu, uint64_t frame, int level, bool root)
         bitmap_set(frame, true);
         f->level = (uint8_t)level;
         f->orphan = false;
+        f->owner = owner;
         sink.snapshot(vcpu, frame, ents);
         keep_entries(f, ents);
-        take_children(vcpu, f);
-    } else if (f->level != level) {
+        take_children(vcpu, frame, f);
+        return;
+    }
+    add_owner(f, owner);
+    if (f->level != level) {
         /* Used at another level now (a freed L1 reused as an L2, say):
          * its entries mean something else. The trace told every store
          * into it, so RAM holds what the replayer has. */
@@ -235,10 +294,10 @@ static void acquire(unsigned int vcpu, uint64_t frame, int level, bool root)
         f->orphan = false;
         memcpy(ents, ram + frame, PAGE_BYTES);
         keep_entries(f, ents);
-        take_children(vcpu, f);
+        take_children(vcpu, frame, f);
     } else if (f->orphan) {
         f->orphan = false;
-        take_children(vcpu, f);
+        take_children(vcpu, frame, f);
     }
 }
 
@@ -285,9 +344,13 @@ void tr_set_root(unsigned int vcpu, uint64_t frame)
         if (!active[vcpu]) {
             active[vcpu] = true;
             flushed[vcpu] = 0;
+            if (vcpu >= n_active_max) {
+                n_active_max = vcpu + 1;
+            }
             update_min_flushed();
         }
-        acquire(vcpu, frame, 4, true);
+        /* A PGD is its own user half's owner; its own owner is moot. */
+        acquire(vcpu, frame, 4, true, TR_OWNER_ANY);
     }
     if (old != TR_NO_ROOT) {
         release(old, true);
@@ -318,7 +381,7 @@ void tr_reach(unsigned int vcpu, uint64_t frame, int level)
      * frame then never becomes an orphan, as before this unit existed.
      */
     if (f->level == 0 || f->orphan || f->level != level) {
-        acquire(vcpu, frame, level, false);
+        acquire(vcpu, frame, level, false, TR_OWNER_ANY);
     }
 }
 
@@ -388,7 +451,8 @@ bool tr_store(unsigned int vcpu, uint64_t va, uint64_t pa, unsigned int size,
         }
         /* Take the new child before dropping the old: never 0 in between. */
         if (is_link(e, level)) {
-            acquire(vcpu, e & PTE_ADDR, level - 1, false);
+            acquire(vcpu, e & PTE_ADDR, level - 1, false,
+                    child_owner(frame, f, level, i));
         }
         if (is_link(old, level)) {
             release(old & PTE_ADDR, false);

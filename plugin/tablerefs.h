@@ -21,10 +21,19 @@
  * store into it once (a) the trace has told TR_ORPHAN_WRITES stores into
  * it since it became one (the replayer's model of Xen keys its early
  * unshadow on those) and (b) every vCPU that has had a root since the
- * window opened has flushed its TLB since the frame became unreachable
- * (tr_flushed: a CR3 load, INVPCID type 2/3, a CR4.PGE/PCIDE change; QEMU
- * empties its whole TLB at every CR3 load). A frame that becomes reachable
- * again afterwards is untracked, so it gets a fresh SNAPSHOT.
+ * window opened and can hold a translation through the frame has flushed
+ * its TLB since the frame became unreachable (tr_flushed: a CR3 load,
+ * INVPCID type 2/3, a CR4.PGE/PCIDE change; QEMU empties its whole TLB at
+ * every CR3 load). Each tracked frame has an owner: the PGD whose user
+ * half (entries below TR_KERNEL_HALF) links it, passed down the levels,
+ * or TR_OWNER_ANY for the kernel half, a walk's unexpected find, and a
+ * frame linked from two owners in one tracked life. A vCPU can hold a
+ * translation through a frame of another PGD's user half only if it had
+ * that PGD loaded since its last flush, and a CR3 load is a flush: so
+ * only vCPUs whose current root is the owner (or that have no root now)
+ * hold it back; an idle vCPU on the kernel's own PGD (init_mm) holds back
+ * only kernel-half tables. A frame that becomes reachable again
+ * afterwards is untracked, so it gets a fresh SNAPSHOT.
  *
  * Pure: no QEMU, no output. Events go to the TrSink given to tr_open, RAM
  * is read through the pointer given there. Threads: every function but
@@ -54,6 +63,8 @@
 
 #define TR_MAX_VCPUS    256u
 #define TR_NO_ROOT      UINT64_MAX
+/* A frame any vCPU can hold a translation through (see above). */
+#define TR_OWNER_ANY    UINT64_MAX
 /* Stores into an orphan the trace still tells before untracking it. */
 #define TR_ORPHAN_WRITES 2
 

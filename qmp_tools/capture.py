@@ -28,7 +28,7 @@ from replay.trace.reader import TraceReader
 
 from .errors import GuestError, SetupError
 from .machine import GuestRun, MachineConfig, Progress, qemu_version
-from .paths import BuildPaths, scenario_append
+from .paths import BuildPaths, scenario_append, scenario_vcpus
 
 WINDOWS = ("markers", "all")
 #: The kernel function whose calls carry the console text (the 8250 serial
@@ -45,7 +45,9 @@ class CaptureOptions:
     dedup: bool = True
     #: untrack table frames nothing reaches (the plugin's untrack=, on by default)
     untrack: bool = True
-    smp: int = 1
+    #: vCPUs; None: the scenario's ``vcpus`` file (1 without one, and for
+    #: scenarios from outside the repository)
+    smp: int | None = None
     window: str = "markers"
     deterministic: bool = False
     timeout: float = 600.0
@@ -69,8 +71,11 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
     """Run one capture; raise CaptureError (SetupError, GuestError) on failure."""
     if opts.window not in WINDOWS:
         raise SetupError(f"bad window {opts.window!r}: use one of {', '.join(WINDOWS)}")
-    if not 1 <= opts.smp <= 8:
-        raise SetupError(f"bad --smp {opts.smp}: use 1 to 8 vCPUs")
+    smp = opts.smp
+    if smp is None:
+        smp = scenario_vcpus(opts.scenario) if opts.append is None else 1
+    if not 1 <= smp <= 8:
+        raise SetupError(f"bad --smp {smp}: use 1 to 8 vCPUs")
     if not 64 <= opts.ram_mib <= 2048:
         raise SetupError(f"bad RAM size {opts.ram_mib} MiB: use 64 to 2048")
     paths = BuildPaths.default()
@@ -91,7 +96,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         "scenario": opts.scenario,
         "kernel": paths.kernel_version() or "unknown",
         "qemu": qemu_version(),
-        "vcpus": str(opts.smp),
+        "vcpus": str(smp),
         **kernel_hooks(paths),
         **({} if opts.untrack else {"untrack": "off"}),
     }
@@ -99,7 +104,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         kernel=paths.kernel,
         initrd=paths.initrd(opts.scenario),
         ram_mib=opts.ram_mib,
-        smp=opts.smp,
+        smp=smp,
         deterministic=opts.deterministic,
         plugin=paths.plugin,
         plugin_options=plugin_options,

@@ -15,7 +15,7 @@ from replay.paths import BuildPaths as _Layout
 
 from .errors import SetupError
 
-__all__ = ["TOP", "BuildPaths", "available_scenarios", "scenario_append"]
+__all__ = ["TOP", "BuildPaths", "available_scenarios", "scenario_append", "scenario_vcpus"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,18 @@ def scenario_append(scenario: str) -> str:
     """Extra kernel command-line words a scenario asks for (its ``append`` file)."""
     path = TOP / "scenarios" / scenario / "append"
     return " ".join(path.read_text().split()) if path.is_file() else ""
+
+
+def scenario_vcpus(scenario: str) -> int:
+    """vCPUs a scenario runs on (its ``vcpus`` file: one number; 1 without it),
+    for the capture and the Xen run alike."""
+    path = TOP / "scenarios" / scenario / "vcpus"
+    if not path.is_file():
+        return 1
+    text = path.read_text().strip()
+    if not text.isdigit() or not 1 <= int(text) <= 8:
+        raise SetupError(f"{path}: want one number of vCPUs, 1 to 8, not {text!r}")
+    return int(text)
 
 
 def available_scenarios() -> list[str]:

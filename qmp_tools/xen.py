@@ -71,6 +71,10 @@ TRACE_MASK = 0x0048F000
 #: Trace buffer pages per CPU (16 MiB): the seed guest's whole life is
 #: ~12 MiB of records, and a full buffer loses records.
 TRACE_PAGES = 4096
+#: Guest vCPUs a run can have: each gets a pCPU of its own (QEMU runs with
+#: 1 + vcpus CPUs, dom0 on pCPU 0), so the guest's vCPUs never share a pCPU's
+#: trace buffer and each record's pCPU names its vCPU.
+MAX_XEN_VCPUS = 8
 #: QEMU's RAM: dom0's 1 GiB, the guest, Xen's own and its shadow pool.
 HOST_RAM_MIB = 4096
 #: The results disk (sparse): room for a large trace.
@@ -133,8 +137,8 @@ def run_xen(
     (something to build or a bad option) or GuestError (the run failed)."""
     paths = paths or BuildPaths.default()
     _check_setup(scenario, paths)
-    if not 1 <= vcpus <= 8:
-        raise SetupError(f"vcpus must be 1..8, not {vcpus}")
+    if not 1 <= vcpus <= MAX_XEN_VCPUS:
+        raise SetupError(f"vcpus must be 1..{MAX_XEN_VCPUS}, not {vcpus}")
     if ram_mib < 64 or ram_mib > HOST_RAM_MIB - 1536:
         raise SetupError(f"ram_mib must be 64..{HOST_RAM_MIB - 1536}, not {ram_mib}")
     out_dir.mkdir(parents=True, exist_ok=True)

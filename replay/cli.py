@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "traces that count every write Xen would still emulate")
     cap.add_argument("--window", choices=("markers", "all"), default="markers",
                      help="record between the start/stop markers, or the whole run")
-    cap.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
+    cap.add_argument("--smp", type=int,
+                     help="vCPUs (default: the scenario's vcpus file, else 1)")
     cap.add_argument("--deterministic", action="store_true",
                      help="icount, fixed RTC, no KASLR: repeatable captures")
     cap.add_argument("--timeout", type=float, default=600.0,
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where NAME.xen.* go (default out/xen)")
     xen.add_argument("--timeout", type=float, default=300.0,
                      help="seconds before the run counts as hung (default 300)")
-    xen.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
+    xen.add_argument("--vcpus", type=int,
+                     help="guest vCPUs, each pinned to a pCPU of its own (default: the "
+                          "scenario's vcpus file, else 1)")
     xen.set_defaults(func=_xen)
 
     cmp = sub.add_parser("compare", help="put the model's replay of a trace beside Xen's "
@@ -313,17 +316,18 @@ def _cut(args: argparse.Namespace) -> int:
 def _xen(args: argparse.Namespace) -> int:
     """``shadowtrace xen``: run Xen (qmp_tools.xen), decode (replay.xen), summarise."""
     from qmp_tools.errors import GuestError
-    from qmp_tools.paths import BuildPaths
-    from qmp_tools.xen import run_xen
+    from qmp_tools.paths import BuildPaths, scenario_vcpus
+    from qmp_tools.xen import MAX_XEN_VCPUS, run_xen
 
     from .errors import UsageError
     from .report import results
     from .report.console import print_xen_summary, progress_printer
     from .xen.summary import build_table, summary_doc, write_parquet
 
-    if not 1 <= args.vcpus <= 1:
-        raise UsageError(f"--vcpus {args.vcpus}: only 1 for now (the host has 2 pCPUs, "
-                         "dom0 holds one)")
+    if args.vcpus is None:
+        args.vcpus = scenario_vcpus(args.scenario)
+    if not 1 <= args.vcpus <= MAX_XEN_VCPUS:
+        raise UsageError(f"--vcpus {args.vcpus}: use 1 to {MAX_XEN_VCPUS}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     paths = BuildPaths.default()

@@ -3,6 +3,8 @@
 # traces/NAME.trace, with their console logs; then run
 # `pytest --update-golden` and check what changed, on purpose.
 # Usage: scripts/record-traces.sh [NAME...]   (default: every recorded trace)
+# A scenario's vCPU count is its own (scenarios/NAME/vcpus, read by the
+# capture): smp-fork is recorded with 2, the others with 1.
 # The ground-truth files (NAME.truth.json.gz) are kept unless KEEP_TRUTH=0:
 # the pause at `stop` that takes them is not deterministic.
 set -euo pipefail

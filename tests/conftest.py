@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 #: Fixtures that boot QEMU: a test using one must be marked e2e.
-QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run", "module_capture")
+QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run", "xen_smp_run", "module_capture")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -109,6 +109,21 @@ def xen_seed_run(tmp_path_factory: pytest.TempPathFactory) -> XenCliRun:
     proc = run_cli("xen", "--scenario", "seed", "--out", str(out), timeout=900)
     assert proc.returncode == 0, f"shadowtrace xen failed: {proc.stderr[-4000:]}"
     info = json.loads((out / "seed.xen.json").read_text())
+    return XenCliRun(
+        console_log=Path(info["console_log"]), xentrace=Path(info["xentrace"]),
+        host_log=Path(info["host_log"]), duration=info["duration_s"], pcpus=info["pcpus"],
+        out=out, stdout=proc.stdout,
+    )
+
+
+@pytest.fixture(scope="session")
+def xen_smp_run(tmp_path_factory: pytest.TempPathFactory) -> XenCliRun:
+    """One run of smp-fork under the real Xen with no --vcpus: the scenario's
+    ``vcpus`` file gives it 2, each pinned to a pCPU of its own."""
+    out = tmp_path_factory.mktemp("xen-smp")
+    proc = run_cli("xen", "--scenario", "smp-fork", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, f"shadowtrace xen failed: {proc.stderr[-4000:]}"
+    info = json.loads((out / "smp-fork.xen.json").read_text())
     return XenCliRun(
         console_log=Path(info["console_log"]), xentrace=Path(info["xentrace"]),
         host_log=Path(info["host_log"]), duration=info["duration_s"], pcpus=info["pcpus"],

@@ -142,7 +142,7 @@ def test_cut_start_stop_same_findings(tmp_path: Path, goldens: Goldens) -> None:
 
 
 def test_cut_mid_window(tmp_path: Path, goldens: Goldens) -> None:
-    # about the middle half of seed's 79,469 events: the C5 (event 48,019),
+    # about the middle of seed's 67,192 events: the C5 (event 48,019),
     # the C1 critical (48,026) and the C2 (55,036) of the seed page's frame
     # fall inside, the page's allocation (25,225) before it
     first, end = 39000, 63000

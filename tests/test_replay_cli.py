@@ -200,14 +200,14 @@ def test_check_writes_and_compares_expectations(tmp_path: Path) -> None:
 
 def test_progress_lines_when_stderr_is_not_a_terminal() -> None:
     # stderr is a pipe here: with SHADOWTRACE_PROGRESS_EVERY=0 a line is due
-    # after every chunk, so seed's 79,469 events in chunks of 65,536 give
-    # 2 lines (a full chunk and one of 13,933), the last at every event
+    # after every chunk, so seed's 67,192 events in chunks of 65,536 give
+    # 2 lines (a full chunk and one of 1,656), the last at every event
     trace = Path(__file__).resolve().parent.parent / "traces" / "seed.trace"
     proc = run_cli("replay", str(trace), env={"SHADOWTRACE_PROGRESS_EVERY": "0"})
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"replay {trace}: ")]
     counts = [int(ln.split(": ")[1].split(" events")[0].replace(",", "")) for ln in lines]
-    assert counts == [65_536, 79_469]
+    assert counts == [65_536, 67_192]
     assert all("M events/s" in ln for ln in lines)
     # a bad value is one line, not a traceback
     bad = run_cli("replay", str(trace), env={"SHADOWTRACE_PROGRESS_EVERY": "soon"})

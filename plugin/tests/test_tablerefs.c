@@ -6,8 +6,9 @@
  * memory callback runs after the store) and checks the events the unit
  * sends to its sink and the state it keeps: snapshots of a new root's
  * tree, counts, orphans, the cascade, revival, two told stores then an
- * UNTRACK once every vCPU has flushed, the death of a PGD no vCPU has
- * loaded, a frame reused at another level. Failures are printed one per
+ * UNTRACK once every vCPU that can hold the frame has flushed (the owner
+ * rule: a user-half table is held back only by vCPUs on its PGD), the
+ * death of a PGD no vCPU has loaded, a frame reused at another level. Failures are printed one per
  * line; the last line is "N passed, M failed" and the exit status is
  * non-zero if M > 0.
  */
@@ -191,6 +192,10 @@ static void test_orphan_untrack(void)
 {
     int at;
 
+    /* vCPU 1 runs A too (a thread of the process): it loads A's CR3 */
+    tr_flushed(1);
+    tr_set_root(1, F(1));
+    CHECK(tr_info(F(1)).roots == 2 && tr_info(F(10)).refs == 2);
     /* unlink the L1 from its L2: an orphan */
     at = n_evs;
     CHECK(store(0, F(3), 0, 0));
@@ -201,7 +206,7 @@ static void test_orphan_untrack(void)
     store(0, F(4), 1, 0);
     store(0, F(4), 2, 0);
     CHECK(count(EV_WRITE, at) == 3 && count(EV_UNTRACK, at) == 0);
-    /* vCPU 0 flushed, vCPU 1 (which has a root) not: still told */
+    /* vCPU 0 flushed, vCPU 1 (which has A loaded) not: still told */
     tr_flushed(0);
     at = n_evs;
     store(0, F(4), 3, 0);
@@ -222,6 +227,10 @@ static void test_orphan_untrack(void)
     store(0, F(3), 0, LINK(4));
     CHECK(count(EV_WRITE, at) == 1 && has(EV_SNAPSHOT, F(4), at));
     CHECK(level(F(4)) == 1 && tr_info(F(4)).refs == 1);
+    /* vCPU 1 back on B */
+    tr_flushed(1);
+    tr_set_root(1, F(5));
+    CHECK(tr_info(F(1)).roots == 1 && tr_info(F(5)).roots == 1);
 }
 
 static void test_revive_and_cascade(void)
@@ -350,6 +359,80 @@ static void test_new_level_and_walks(void)
     CHECK(has(EV_UNTRACK, F(11), at));
 }
 
+/* Stores into an orphan until it is untracked; how many were told. */
+static int told_until_untrack(uint64_t frame, int max)
+{
+    int at = n_evs;
+
+    for (int i = 0; i < max; i++) {
+        store(0, frame, (unsigned int)(100 + i), 0);
+        if (has(EV_UNTRACK, frame, at)) {
+            return count(EV_WRITE, at);
+        }
+    }
+    return -1;
+}
+
+/*
+ * Which vCPUs hold an orphan back: those whose root is the PGD that owns
+ * it (its user half links it) and, for kernel-half tables and frames two
+ * PGDs linked, every vCPU with a root. vCPU 1 sits on C, a PGD with only
+ * the kernel half (an idle CPU on init_mm), and never flushes unless told.
+ */
+static void test_owners(void)
+{
+    build();
+    tr_forget_all();
+    n_evs = 0;
+    tr_set_root(0, F(1));
+    tr_set_root(1, F(6));
+
+    /* A's user L1 (owner A): vCPU 1 on C cannot hold it; vCPU 0's flush
+     * is enough, so the third store is the UNTRACK (two told first) */
+    store(0, F(3), 0, 0);
+    CHECK(orphan(F(4)));
+    tr_flushed(0);
+    CHECK(told_until_untrack(F(4), 5) == TR_ORPHAN_WRITES);
+
+    /* the kernel half's L2 (every PGD links it): vCPU 1 holds it back;
+     * four stores told (more than two), then vCPU 1 flushes: UNTRACK */
+    store(0, F(10), 0, 0);
+    CHECK(orphan(F(11)));
+    tr_flushed(0);
+    CHECK(told_until_untrack(F(11), 4) == -1 && level(F(11)) == 2);
+    tr_flushed(1);
+    CHECK(told_until_untrack(F(11), 5) == 0);
+
+    /* vCPU 1 loads A (a thread): A's L2 (owner A) is held back by it */
+    tr_flushed(1);
+    tr_set_root(1, F(1));
+    store(0, F(2), 0, 0);
+    CHECK(orphan(F(3)));
+    tr_flushed(0);
+    CHECK(told_until_untrack(F(3), 4) == -1 && level(F(3)) == 2);
+    tr_flushed(1);
+    CHECK(told_until_untrack(F(3), 5) == 0);
+
+    /* an L3 linked from A's and B's user halves: owned by no one PGD, so
+     * vCPU 1, back on C, holds it back too */
+    tr_flushed(1);
+    tr_set_root(1, F(6));
+    tr_flushed(0);
+    tr_set_root(0, F(5));       /* B tracked (a process that ran) */
+    tr_flushed(0);
+    tr_set_root(0, F(1));
+    store(0, F(1), 1, LINK(15));
+    store(0, F(5), 1, LINK(15));
+    CHECK(tr_info(F(15)).refs == 2);
+    store(0, F(1), 1, 0);
+    store(0, F(5), 1, 0);
+    CHECK(orphan(F(15)));
+    tr_flushed(0);
+    CHECK(told_until_untrack(F(15), 4) == -1 && level(F(15)) == 3);
+    tr_flushed(1);
+    CHECK(told_until_untrack(F(15), 5) == 0);
+}
+
 int main(void)
 {
     ram = aligned_alloc(PAGE_BYTES, (size_t)FRAMES * PAGE_BYTES);
@@ -362,6 +445,7 @@ int main(void)
     test_revive_and_cascade();
     test_root_death();
     test_new_level_and_walks();
+    test_owners();
     tr_close();
     free(ram);
     printf("%d passed, %d failed\n", n_passed, n_failed);

@@ -28,6 +28,7 @@ Metrics
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..errors import UsageError
 from ..session import ReplayOptions, console_text, console_vas, replay
 from ..shadow.engine import ShadowEngine
 from ..shadow.types import Fact
+from ..trace.reader import TraceReader
 from .summary import read_parquet
 
 #: Xen records that stand for one shadow fault on their VA.
@@ -199,6 +201,26 @@ def xen_files(xen_dir: Path) -> tuple[Path, Path]:
     return tables[0], tables[0].with_name(f"{stem}.xen.console.log")
 
 
+def check_vcpus(trace: Path, table_path: Path) -> None:
+    """Both runs must have had the same number of guest vCPUs: the capture's
+    header says how many it had, the Xen run's ``NAME.xen.json`` which pCPUs
+    its vCPUs were pinned to (one each)."""
+    with TraceReader(trace) as reader:
+        model = int(reader.header.get("vcpus") or 1)
+    summary = table_path.with_name(table_path.name[: -len(".parquet")] + ".json")
+    try:
+        doc = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return  # a table without its summary: nothing says otherwise
+    pcpus = doc.get("pcpus") if isinstance(doc, dict) else None
+    if isinstance(pcpus, list) and len(pcpus) != model:
+        raise UsageError(
+            f"{trace} was captured with {model} vCPU(s), the Xen run in "
+            f"{table_path.parent} had {len(pcpus)}: compare runs of one vCPU count "
+            f"(shadowtrace xen --vcpus {model})"
+        )
+
+
 def _function(symbol: str | None) -> str | None:
     """``clear_page_erms`` of ``clear_page_erms+0x7 [mod]``."""
     if not symbol or symbol.startswith("0x"):
@@ -259,6 +281,7 @@ def compare(
 ) -> dict[str, Any]:
     """The comparison document (schema in ``docs/compare.md``)."""
     table_path, xen_console = xen_files(xen_dir)
+    check_vcpus(trace, table_path)
     xen = read_parquet(table_path)
     model_vas: list[int] = []
     xen_vas: list[int] = []

@@ -24,6 +24,7 @@ WATCH: dict[str, str | None] = {
     "seed": r"The address allocated is ([0-9a-f]+)",
     "vmalloc": r"area 0 page 0 va=0x([0-9a-f]+)",
     "fork": None,
+    "smp-fork": None,
     "private-root": r"secure page va=0x([0-9a-f]+)",
     "shared-l1": r"secure page va=0x([0-9a-f]+)",
     "secretmem": r"secret page va=0x([0-9a-f]+)",
