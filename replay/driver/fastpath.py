@@ -44,8 +44,9 @@ _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 #: Fast path: runs of at most this many accesses between other events are
 #: taken one by one (cheaper than in bulk when short).
 _SHORT_RUN = 8
-#: Fast path: the matched translations are dropped all at once when their
-#: walks' entries noted (``_walked``) pass this many (bounds its memory).
+#: Fast path: the matched translations (allowed accesses) are dropped all at
+#: once when their walks' entries noted (``_walked``; their shadow paths:
+#: ``_by_leaf``) pass this many (bounds their memory).
 _WALKED_MAX = 1 << 20
 
 
@@ -101,6 +102,7 @@ class FastPath:
     _allowed: dict[tuple[object, ...], set[int]]
     _allowed_gen: int
     _by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]]
+    _by_leaf_n: int
     _matched: dict[tuple[object, ...], set[int | bytes]]
     _matched_layout: int
     _walked: dict[int, list[tuple[set[int | bytes], int | bytes]]]
@@ -133,9 +135,10 @@ class FastPath:
         if stale:
             self._stale = False
             log = eng.leaf_log
-            if eng.restrict_gen != self._allowed_gen:
+            if eng.restrict_gen != self._allowed_gen or self._by_leaf_n > _WALKED_MAX:
                 self._allowed = {}
                 self._by_leaf = {}
+                self._by_leaf_n = 0
                 self._allowed_gen = eng.restrict_gen
                 log.clear()
             elif log:
@@ -317,10 +320,17 @@ class FastPath:
             self._stale = True
             allowed = eng.access(index, vcpu, kind, va, info, pa)
             if allowed:
-                leaf = eng.allowed_leaf(vcpu, va)
-                if not ak & io_bit and leaf is not None:
+                spath = eng.allowed_path(vcpu, va)
+                if not ak & io_bit and spath is not None:
+                    # allowed while no entry of its path, nor a shadow of
+                    # it, is in the engine's leaf_log
                     ok_a.add(ak)
-                    self._by_leaf.setdefault(leaf, []).append((ok_a, ak))
+                    dep = (ok_a, ak)
+                    by_leaf = self._by_leaf
+                    for entry in spath:
+                        by_leaf.setdefault(entry, []).append(dep)
+                        by_leaf.setdefault((entry[0], -1), []).append(dep)
+                    self._by_leaf_n += 2 * len(spath)
             if tools is not None:
                 tell(j)  # the engine handled it: every tool is told
             return allowed

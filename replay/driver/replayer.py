@@ -192,8 +192,10 @@ class Replayer(FastPath):
         #: (all of one ``restrict_gen``) ...
         self._allowed: dict[tuple[object, ...], set[int]] = {}
         self._allowed_gen = -1
-        #: Leaf (shadow key, index) -> the (set, key) entries relying on it.
+        #: Shadow entry (key, index), or shadow (key, -1) -> the (set, key)
+        #: entries relying on it (ShadowEngine.leaf_log).
         self._by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]] = {}
+        self._by_leaf_n = 0
         #: ... and translation keys that matched, per (layout, CR3s).
         self._matched: dict[tuple[object, ...], set[int | bytes]] = {}
         self._matched_layout = -1

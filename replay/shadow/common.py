@@ -55,7 +55,7 @@ class Common(EngineState):
     def _destroy(self, sh: Shadow, reason: str) -> None:
         c = self.counters
         key = sh.key
-        self.restrict_gen += 1
+        self._leaf_changed(key, -1)
         del self.shadows[key]
         self.pins.pop(key, None)
         if sh.type != FL1:

@@ -477,7 +477,7 @@ class Multi(EngineState):
                     and child[0] in self.oos_where):
                 self._resync(child[0])
         if old & SH_P:
-            self.restrict_gen += 1
+            self._leaf_changed(key, i)
         sh.entries[i] = new
         if self._facts_on:
             self._fact("propagated", sh.frame, level, i, new, g, reason)

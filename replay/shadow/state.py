@@ -101,13 +101,15 @@ class EngineState:
         self._facts_on = self.config.record_facts or on_fact is not None
         if self.config.guest_kind == "xen-aware":
             self._boot_probe()
-        #: Bumped whenever the shadows change in a way that may take a right
-        #: away (a present upper entry changes, a shadow is destroyed, ...):
-        #: while it stays, an access :meth:`access` found allowed stays
-        #: allowed on the same root (the Replayer's fast path) -- unless its
-        #: leaf entry is in ``leaf_log``, the (L1/FL1 shadow, index) of
-        #: present leaf entries changed since (a consumer may clear it; when
-        #: it grows long it is cleared and ``restrict_gen`` bumped instead).
+        #: What changed since a consumer last looked that may take a right
+        #: away: (shadow, index) of a present entry that changed (any
+        #: level), (shadow, -1) of a shadow destroyed. An access
+        #: :meth:`access` found allowed stays allowed on the same roots
+        #: while no entry on its path (:meth:`allowed_path`) nor one of its
+        #: shadows is logged (the Replayer's fast path; a consumer may clear
+        #: the log). When the log grows long, or for changes too wide to
+        #: log (a WINDOW_OPEN), it is cleared and ``restrict_gen`` bumped:
+        #: then nothing allowed before is known allowed.
         self.restrict_gen = 0
         self.leaf_log: list[tuple[Key, int]] = []
         if len(self.config.cr3_targets) > 4:
@@ -196,7 +198,8 @@ class EngineState:
             v.vtlb = [None] * VTLB_ENTRIES
 
     def _leaf_changed(self, key: Key, i: int) -> None:
-        """A present L1/FL1 shadow entry changes (see ``leaf_log``)."""
+        """A present shadow entry changes, or (``i`` = -1) a shadow goes
+        (see ``leaf_log``)."""
         log = self.leaf_log
         if len(log) >= 4096:
             log.clear()
@@ -204,12 +207,14 @@ class EngineState:
         else:
             log.append((key, i))
 
-    def allowed_leaf(self, vcpu: int, va: int) -> tuple[Key, int] | None:
-        """The leaf (L1/FL1 shadow, index) the hardware path of ``va`` on
-        ``vcpu`` ends at, if it reaches one (for ``leaf_log`` consumers)."""
+    def allowed_path(self, vcpu: int, va: int) -> list[tuple[Key, int]] | None:
+        """The (shadow, index) entries of the hardware path of ``va`` on
+        ``vcpu``, root first, if it reaches a leaf (for ``leaf_log``
+        consumers: the access stays allowed while none of them, nor their
+        shadows, is logged)."""
         path = self.shadow_path(vcpu, va)
         if len(path) == 4:
-            return path[3][0], path[3][1]
+            return [(key, i) for key, i, _ in path]
         return None
 
     def _fact(self, kind: str, frame: int, stype: int, index: int, value: int, guest: int,
