@@ -18,7 +18,9 @@ from ..guest.memory import (
     PTE_D,
     PTE_NX,
     PTE_P,
+    PTE_PCD,
     PTE_PS,
+    PTE_PWT,
     PTE_RW,
     PTE_US,
     Access,
@@ -54,6 +56,11 @@ from .types import (
 
 #: Flags copied from a present guest entry (plus NX).
 _PASS_THRU: Final = PTE_A | PTE_US | PTE_RW | PTE_P | PTE_NX
+#: The rights of a made-up FL1 guest entry (guest_walk.c, PSE l2e).
+_FULL_RIGHTS: Final = PTE_P | PTE_US | PTE_RW | PTE_A | PTE_D
+#: A 2 MiB entry's PAT bit (12), and where it sits in a 4 KiB entry (7).
+_PSE_PAT: Final = 1 << 12
+_PTE_PAT: Final = 1 << 7
 
 
 class Multi(EngineState):
@@ -230,9 +237,14 @@ class Multi(EngineState):
 
     @staticmethod
     def _splinter(gl2e: int, va: int) -> int:
-        """The 4 KiB guest "l1e" of ``va`` inside a 2 MiB superpage."""
+        """The 4 KiB guest "l1e" of ``va`` inside a 2 MiB superpage, as
+        guest_walk.c makes one up for a PSE l2e: full rights (P, US, RW, A,
+        D; the l2e's own rights are enforced in the shadow l2e) plus its
+        cache bits (PWT, PCD; PAT in bit 7 when the PSE-PAT bit 12 is set)."""
         base = (gl2e & ADDR_MASK) & ~0x1F_FFFF
-        flags = gl2e & (0xFFF | PTE_NX) & ~PTE_PS & ~0x1000
+        flags = _FULL_RIGHTS | gl2e & (PTE_PWT | PTE_PCD)
+        if gl2e & _PSE_PAT:
+            flags |= _PTE_PAT
         return base + (((va >> PAGE_SHIFT) & 0x1FF) << PAGE_SHIFT) | flags
 
     def _prefetch(self, gw: Walk, sl1: Shadow, i1: int, va: int) -> None:
