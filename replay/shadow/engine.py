@@ -239,7 +239,21 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
             old & _CR4_PCIDE and not new & _CR4_PCIDE)
         if changed and v.xen_cr3 is not None:
             self.counters["cr4_paging_update"] += 1
-            self._update_cr3(v, v.xen_cr3, reason="cr4")
+            self._update_paging_modes(v)
+
+    def _update_paging_modes(self, v: VCpu) -> None:
+        """common.c sh_update_paging_modes for a long-mode vCPU: first
+        detach_old_tables (multi.c sh_detach_old_tables: the slot's
+        reference on the root goes, so an unpinned root dies with its
+        hierarchy), then shadow_resync_all (every vCPU's out-of-sync pages,
+        fully), then sh_update_cr3 on the same CR3."""
+        assert v.xen_cr3 is not None
+        old, v.slot = v.slot, None
+        if old is not None:
+            self._put_ref(old, "refcount")
+        if self.config.out_of_sync:
+            self._resync_all()
+        self._update_cr3(v, v.xen_cr3, reason="cr4")
 
     # -- flushes ---------------------------------------------------------
     def invlpg(self, index: int, vcpu: int, va: int) -> None:
