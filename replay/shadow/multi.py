@@ -324,12 +324,28 @@ class Multi(EngineState):
         first = (pa & 0xFF8) == (va & 0xFF8)
         off = va & 7 if first else 0
         size = 8
-        if store is not None and store[0] == va:
-            size = min(store[1], 8 - off) if first else 8
+        known = store is not None and store[0] == va
+        nbytes = store[1] if store is not None and known else 8
+        if known:
+            size = min(nbytes, 8 - off) if first else 8
+            # sh_emulate_map_dest: an unaligned store (vaddr & (bytes - 1)),
+            # and the second page of a page-crossing one, "probably isn't a
+            # pagetable": sh_remove_shadows (slow), before the write.
+            if va & (nbytes - 1):
+                c["shadow_unshadow_unaligned"] += 1
+                self._remove_all_shadows(frame, "unaligned")
+                if frame not in self.pt_types:
+                    return
         cfg = self.config
+        # sh_emulate_unmap_dest runs once per emulated store: the early-
+        # unshadow check and skip-verify look at the store's first entry
+        # (later entries of a 16-byte store get neither).
+        once = first or not known
         written = (val >> (8 * off)) & ((1 << (8 * size)) - 1)
         # Early unshadow (check_for_early_unshadow): an aligned zero write.
-        if size >= 4 and written & 0xFFFF_FFFF == 0:
+        if not once:
+            pass
+        elif size >= 4 and written & 0xFFFF_FFFF == 0:
             if off == 0 and cfg.early_unshadow:
                 if self._early_unshadow_due(v, frame):
                     c["shadow_early_unshadow"] += 1
@@ -339,7 +355,8 @@ class Multi(EngineState):
             v.last_emulated_mfn_for_unshadow = None
         if frame not in self.pt_types:
             return
-        if (cfg.skip_verify and old is not None and off == 0 and size <= 8
+        # skip-verify: no larger than a PTE, aligned, P clear before and after
+        if (cfg.skip_verify and once and nbytes <= 8 and old is not None and off == 0
                 and not old & PTE_P and not val & PTE_P):
             c["shadow_validate_skip"] += 1
             return
@@ -386,8 +403,14 @@ class Multi(EngineState):
         self._v(vcpu).pagetable_dying = True
 
     def _validate(self, frame: int, i: int, g: int, reason: str) -> None:
-        """Xen's sh_validate_guest_entry for one entry: L1, L2, L3, L4."""
+        """Xen's sh_validate_guest_entry for one entry: L1, L2, L3, L4.
+
+        validate_gl4e/gl3e/gl2e: a present entry (not a 2 MiB one) whose
+        target gfn is not RAM sets SHADOW_SET_ERROR, and
+        validate_guest_pt_write then removes the frame's shadows ("probably
+        not a pagetable any more")."""
         c = self.counters
+        error = False
         for t in (L1, L2, L3, L4):
             sh = self.shadows.get((frame, t))
             if sh is None:
@@ -407,6 +430,8 @@ class Multi(EngineState):
                     child = (cf, L1)
                 elif not g & PTE_PS:
                     child = (cf, ShadowType(t - 1))
+                if not (t == L2 and g & PTE_PS) and self._is_mmio(cf):
+                    error = True
                 if child is not None and child not in self.shadows:
                     child = None
                 if child is not None and t >= L3 and self.config.out_of_sync:
@@ -415,6 +440,9 @@ class Multi(EngineState):
                                   fl1=child is not None and child[1] == FL1)
             if (frame, t) in self.shadows:
                 self._set_upper(sh, i, new, g, reason)
+        if error:
+            c["shadow_unshadow_set_error"] += 1
+            self._remove_all_shadows(frame, "set-error")
 
     # ================================================================== #
     # _sh_propagate and entry setting                                      #

@@ -172,6 +172,7 @@ COUNTERS: Final = (
     "shadow_resync_only",
     "shadow_early_unshadow",
     "pagetable_dying", "shadow_unshadow_dying", "untracked", "shadow_unshadow_untracked",
+    "shadow_unshadow_unaligned", "shadow_unshadow_set_error",
     "shadow_writeable", "shadow_invlpg",
     "shadow_prealloc_1", "shadow_prealloc_2", "shadow_prealloc_fail",
     "shadow_evicted", "shadow_unpin_l3_toplevel",
