@@ -223,8 +223,9 @@ class Multi(EngineState):
             sl1 = self.shadows[self._child_key(e2, 2)]
         else:
             if pse:
+                # keyed by guest_l2e_get_gfn: the PSE-PAT bit (12) stays in,
+                # so two PAT variants of one 2 MiB frame are two FL1 shadows
                 base = (gl2e & SH_ADDR) >> PAGE_SHIFT
-                base &= ~0x1FF
                 sl1 = self.shadows.get((base, FL1)) or self._make_shadow(base, FL1, "demand")
             else:
                 l1f = gw.frames[3]
@@ -425,7 +426,7 @@ class Multi(EngineState):
             if g & PTE_P:
                 cf = (g & ADDR_MASK) >> PAGE_SHIFT
                 if t == L2 and g & PTE_PS:
-                    child = (cf & ~0x1FF, FL1)
+                    child = (cf, FL1)  # the PAT bit kept, as above
                 elif t == L2:
                     child = (cf, L1)
                 elif not g & PTE_PS:
