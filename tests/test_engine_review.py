@@ -8,6 +8,7 @@ the items declined are explained in docs/xen-model.md.
 from __future__ import annotations
 
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, va_index
+from replay.shadow.config import EngineConfig
 from replay.shadow.types import FL1, L1, L2, L4, SH_P, SH_RW
 from replay.trace import format as fmt
 
@@ -162,3 +163,18 @@ def test_fl1_shadows_of_two_pat_variants_are_two() -> None:
     # (PSE-PAT) included
     assert (base, FL1) in d.e.shadows and (base | 1, FL1) in d.e.shadows
     assert d.e.shadows[(base | 1, FL1)].entries[0] >> 12 == base  # same target
+
+
+# -- D4: the pool Xen gives the guests we run -------------------------------
+def test_default_pool_is_libxls_less_p2m_and_monitor_pages() -> None:
+    # qmp_tools/xen.py runs memory = maxmem = 512 MiB, vcpus = 1, no
+    # shadow_memory: libxl__get_required_paging_memory gives
+    # 4 * (256 * 1 + 2 * 512) KiB = 1,280 pages; shadow_set_allocation takes
+    # the p2m pages out of that (P2M_PAGES, 7), and sh_make_monitor_table one
+    # page per vCPU: 1,280 - 7 - 1 = 1,272 for shadows and snapshots
+    assert EngineConfig(vcpus=1, ram_mib=512).pool == 1272
+    # a small guest: libxl's 256 + 2 * 64 = 384 pages is above Xen's floor
+    # (sh_min_allocation: 128 + max(16384 / 256, 6) + 1 = 193), no 1,024 floor
+    assert EngineConfig(vcpus=1, ram_mib=64).pool == 384 - 7 - 1
+    # an explicit pool_pages is taken as it is
+    assert EngineConfig(pool_pages=100).pool == 100
