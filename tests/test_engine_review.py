@@ -178,3 +178,29 @@ def test_default_pool_is_libxls_less_p2m_and_monitor_pages() -> None:
     assert EngineConfig(vcpus=1, ram_mib=64).pool == 384 - 7 - 1
     # an explicit pool_pages is taken as it is
     assert EngineConfig(pool_pages=100).pool == 100
+
+
+# -- D5: early unshadow is Xen's fast removal --------------------------------
+def test_early_unshadow_removes_only_the_up_pointer_link() -> None:
+    t = GuestTables()
+    root = t.new()
+    data = PTE_P | PTE_RW | PTE_US | PTE_A
+    _, l2, l1 = t.map(root, U, 0x1000, data)
+    t.set(l2, va_index(U, 2) + 1, t.get(l2, va_index(U, 2)))  # U+2M: the same L1
+    t.map(root, dm(l1), l1, KDATA)
+    d = Driver(out_of_sync=False, guest_kind="unaware")
+    d.load(t)
+    d.cr3(root)
+    d.read(U, user=True)  # links the L1 through L2 entry 2: its up-pointer
+    d.read(U + (1 << 21), user=True)  # and through entry 3
+    assert d.e.shadows[(l1, L1)].refcount == 2
+    d.store(t, l1, 100, 0)
+    d.store(t, l1, 101, 0)  # the second zero write: early unshadow
+    assert d.c["shadow_early_unshadow"] == 1
+    # check_for_early_unshadow calls sh_remove_shadows with fast = 1: an L1
+    # is removed via its up-pointer only (sh_remove_shadow_via_pointer), the
+    # brute-force search of other parents is skipped
+    sl2 = d.e.shadows[(l2, L2)]
+    assert not sl2.entries[va_index(U, 2)] & SH_P
+    assert sl2.entries[va_index(U, 2) + 1] & SH_P
+    assert d.e.shadows[(l1, L1)].refcount == 1

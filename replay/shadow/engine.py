@@ -158,6 +158,7 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
         self.pins.clear()
         self.pt_types.clear()
         self.parents.clear()
+        self.up.clear()
         self.rw_maps.clear()
         self.oos_where.clear()
         self.oos_may_write.clear()

@@ -170,7 +170,7 @@ class Multi(EngineState):
                     w.xen_cr3 is not None and cr3_root(w.xen_cr3) == gfn
                     for w in self.vcpus):
                 c["shadow_unshadow_dying"] += 1
-                self._remove_all_shadows(gfn, "pagetable-dying")
+                self._remove_shadows_fast(gfn, "pagetable-dying")
             # Armed only if the frame is still a page table after the write.
             if cfg.fast_emulation and gfn in self.pt_types:
                 v.last_emulated_frame = va >> PAGE_SHIFT
@@ -350,7 +350,7 @@ class Multi(EngineState):
             if off == 0 and cfg.early_unshadow:
                 if self._early_unshadow_due(v, frame):
                     c["shadow_early_unshadow"] += 1
-                    self._remove_all_shadows(frame, "early-unshadow")
+                    self._remove_shadows_fast(frame, "early-unshadow")
                 v.last_emulated_mfn_for_unshadow = frame
         else:
             v.last_emulated_mfn_for_unshadow = None
@@ -512,6 +512,8 @@ class Multi(EngineState):
             child = self._child_key(new, level)
             self.shadows[child].refcount += 1
             self.parents.setdefault(child, set()).add((key, i))
+            if child not in self.up and self._has_up_pointer(child[1]):
+                self.up[child] = (key, i)  # sh_get_ref: the first parent entry
             if level == 4 and self.l3_pinning:
                 self._pin(child)
             if (level == 2 and child[1] == L1 and self.config.out_of_sync
@@ -527,4 +529,6 @@ class Multi(EngineState):
             ps = self.parents.get(ochild)
             if ps is not None:
                 ps.discard((key, i))
+            if self.up.get(ochild) == (key, i):
+                del self.up[ochild]  # sh_put_ref: that entry no longer links it
             self._put_ref(ochild, "refcount")
