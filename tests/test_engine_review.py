@@ -12,7 +12,7 @@ from replay.shadow.config import EngineConfig
 from replay.shadow.types import FL1, L1, L2, L4, SH_P, SH_RW
 from replay.trace import format as fmt
 
-from .test_engine import KDATA, NEW_LEAF, U, Driver, _s7
+from .test_engine import KDATA, NEW_LEAF, Driver, U, _s7
 from .test_guest import TABLE, GuestTables, dm
 
 K = fmt.Kind

@@ -36,6 +36,7 @@ from typing import Final
 from ..guest.memory import PAGE_SHIFT, cr3_root
 from ..trace import format as fmt
 from .common import Common
+from .hvm import Emulate
 from .multi import Multi
 from .oos import OutOfSync
 from .targets import Cr3Targets
@@ -46,7 +47,7 @@ _CR4_PSE, _CR4_PAE, _CR4_PGE, _CR4_PCIDE, _CR4_SMEP = 1 << 4, 1 << 5, 1 << 7, 1 
 _CR4_MODE_BITS: Final = _CR4_PSE | _CR4_PAE | _CR4_PGE | _CR4_SMEP
 
 
-class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
+class ShadowEngine(Cr3Targets, OutOfSync, Common, Emulate, Multi):
     """Xen's shadow paging as a state machine over trace events.
 
     :param config: knobs and sizes (defaults: upstream).
