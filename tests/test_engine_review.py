@@ -204,3 +204,27 @@ def test_early_unshadow_removes_only_the_up_pointer_link() -> None:
     assert not sl2.entries[va_index(U, 2)] & SH_P
     assert sl2.entries[va_index(U, 2) + 1] & SH_P
     assert d.e.shadows[(l1, L1)].refcount == 1
+
+
+# -- D10: fast emulation armed after the emulated write ---------------------
+def test_fast_emulation_is_armed_after_a_write_that_freed_a_shadow() -> None:
+    t = GuestTables()
+    root = t.new()
+    data = PTE_P | PTE_RW | PTE_US | PTE_A
+    _, l2, _ = t.map(root, U, 0x1000, data)
+    t.map(root, U + (1 << 21), 0x1001, data)  # L2 entry 3: a second L1
+    t.map(root, dm(l2), l2, KDATA)
+    d = Driver()
+    d.load(t)
+    d.cr3(root)
+    d.read(U, user=True)
+    d.read(U + (1 << 21), user=True)
+    i = va_index(U, 2)
+    d.store(t, l2, i, 0)  # emulated; frees the first L1 shadow
+    assert d.c["shadow_fault_emulate_write"] == 1
+    # sh_page_fault arms fast emulation after x86_emulate when the frame is
+    # still a page table, so the free inside the write (shadow_free clears
+    # the flag) does not disarm it: the next store takes the fast path
+    d.store(t, l2, i + 1, 0)
+    assert d.c["shadow_fault_fast_emulate"] == 1
+    assert d.c["shadow_fault_emulate_write"] == 1

@@ -37,6 +37,19 @@ class Emulate(EngineState):
             return
         c["shadow_emulate"] += 1
         v = self._v(vcpu)
+        self._emulate(v, frame, pa, val, va, old)
+        if v.emul_arm == frame and frame in self.pt_types:
+            # sh_page_fault, after x86_emulate of a slow-path write: fast
+            # emulation is armed if the frame is still a page table, so a
+            # shadow freed by this write (shadow_free clears the flag) does
+            # not leave it off
+            v.last_write_emul_ok = True
+
+    def _emulate(self, v: VCpu, frame: int, pa: int, val: int, va: int,
+                 old: int | None) -> None:
+        """The emulated store's entry ``pa``: sh_emulate_map_dest, the write,
+        sh_emulate_unmap_dest."""
+        c = self.counters
         # The store this entry belongs to: TABLE_WRITEs carry the store's va;
         # the first entry touched is the one holding the store's address.
         store = v.last_store

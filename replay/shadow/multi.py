@@ -85,6 +85,7 @@ class Multi(EngineState):
         c = self.counters
         cfg = self.config
         c["shadow_fault"] += 1
+        v.emul_arm = None
         if v.cr3 != v.xen_cr3:
             self.hazards.append(Hazard(self._event, vcpu, "fault-on-stale-root",
                                        cr3_root(v.cr3 or 0),
@@ -176,6 +177,7 @@ class Multi(EngineState):
                 v.last_emulated_frame = va >> PAGE_SHIFT
                 v.last_emulated_mfn = gfn
                 v.last_write_emul_ok = True
+                v.emul_arm = gfn  # re-armed after the write (hvm.py)
             return "emulate"
         if mmio:
             c["shadow_fault_mmio"] += 1

@@ -140,6 +140,9 @@ class VCpu:
     )
     #: SHOPT_FAST_EMULATION state.
     last_write_emul_ok: bool = False
+    #: The frame whose store this vCPU's last fault emulated on the slow
+    #: path (fast emulation is armed after the write); None after others.
+    emul_arm: int | None = None
     last_emulated_frame: int = 0
     last_emulated_mfn: int = 0
     #: SHOPT_EARLY_UNSHADOW state.
