@@ -228,3 +228,24 @@ def test_fast_emulation_is_armed_after_a_write_that_freed_a_shadow() -> None:
     d.store(t, l2, i + 1, 0)
     assert d.c["shadow_fault_fast_emulate"] == 1
     assert d.c["shadow_fault_emulate_write"] == 1
+
+
+# -- D13: out of sync only while every vCPU has paging on ---------------------
+def test_no_unsync_while_another_vcpu_has_paging_off() -> None:
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D)
+    t.map(root, dm(l1), l1, KDATA)
+    d = Driver(vcpus=2)
+    d.load(t)
+    d.cr3(root, vcpu=0)  # vCPU 1 has not started: no CR3 yet, paging off
+    d.read(U, user=True)
+    d.store(t, l1, 0, NEW_LEAF)
+    # sh_update_paging_modes: oos_active only when every vCPU has paging
+    # enabled; sh_unsync refuses otherwise: the store is emulated
+    assert d.c["shadow_unsync"] == 0
+    assert d.c["shadow_fault_emulate_write"] == 1
+    d.cr3(root, vcpu=1)  # vCPU 1 up (the trace's sign of its paging on)
+    d.cr3(root, vcpu=0)  # (ends vCPU 0's fast emulation of that frame)
+    d.store(t, l1, 1, NEW_LEAF)
+    assert d.c["shadow_unsync"] == 1

@@ -23,9 +23,14 @@ class OutOfSync(EngineState):
     # Out of sync                                                          #
     # ================================================================== #
     def _unsync(self, v: VCpu, vcpu: int, frame: int) -> None:
-        """sh_unsync: only a frame shadowed as an L1 alone, not yet OOS."""
+        """sh_unsync: only a frame shadowed as an L1 alone, not yet OOS,
+        and only while ``oos_active``: sh_update_paging_modes sets it when
+        every vCPU has paging enabled (the trace's sign of that: the vCPU
+        has a CR3; an AP loads its CR3 just before it sets CR0.PG)."""
         types = self.pt_types.get(frame)
         if types != {L1} or frame in self.oos_where:
+            return
+        if any(w.xen_cr3 is None for w in self.vcpus):
             return
         self._oos_hash_add(v, vcpu, frame)
         self.oos_may_write.add(frame)
