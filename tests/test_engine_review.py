@@ -249,3 +249,33 @@ def test_no_unsync_while_another_vcpu_has_paging_off() -> None:
     d.cr3(root, vcpu=0)  # (ends vCPU 0's fast emulation of that frame)
     d.store(t, l1, 1, NEW_LEAF)
     assert d.c["shadow_unsync"] == 1
+
+
+# -- D12: two writable mappings per out-of-sync page --------------------------
+def test_third_writable_mapping_of_an_oos_page_evicts_the_oldest() -> None:
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D)
+    # two more kernel VAs of the L1 (the direct-map slots of two unused
+    # frames: the same kernel tables, so no new link resyncs the page)
+    alias_a, alias_b = dm(0x1F0), dm(0x1F1)
+    for va in (dm(l1), alias_a, alias_b):
+        t.map(root, va, l1, KDATA)
+    d = Driver()
+    d.load(t)
+    d.cr3(root)
+    d.read(U, user=True)  # l1 shadowed
+    d.write(dm(l1))  # unsynced; the direct map's mapping: fixup 1
+    d.write(alias_a)  # fixup 2
+    assert d.e.is_out_of_sync(l1)
+    d.write(alias_b)  # oos_fixup_add: the table is full, the oldest goes
+    assert d.c["shadow_oos_fixup_add"] == 3
+    assert d.c["shadow_oos_fixup_evict"] == 1
+    # sh_rm_write_access_from_sl1p: the direct map's mapping is read-only
+    # again, so its next write faults (and is re-propagated writable)
+    faults = d.c["shadow_fault"]
+    d.write(dm(l1))
+    assert d.c["shadow_fault"] == faults + 1
+    faults = d.c["shadow_fault"]
+    d.write(alias_b)  # the newest two stay writable
+    assert d.c["shadow_fault"] == faults

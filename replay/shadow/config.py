@@ -43,6 +43,8 @@ SHADOW_OPTIMIZATIONS: Final = 0x1FF
 PREFETCH_DISTANCE: Final = 32
 #: Xen's SHADOW_OOS_PAGES: out-of-sync slots per vCPU.
 SHADOW_OOS_PAGES: Final = 3
+#: Xen's SHADOW_OOS_FIXUPS: writable mappings remembered per out-of-sync page.
+SHADOW_OOS_FIXUPS: Final = 2
 #: Xen's VTLB_ENTRIES.
 VTLB_ENTRIES: Final = 13
 #: The most CR3-target values VMX hardware offers (we model 4).

@@ -163,6 +163,7 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Emulate, Multi):
         self.rw_maps.clear()
         self.oos_where.clear()
         self.oos_may_write.clear()
+        self.oos_fixups.clear()
         # SHOPT_LINUX_L3_TOPLEVEL is switched off for good by sh_make_shadow
         # once a domain has had more than 2 * max_vcpus L4 shadows: any Linux
         # that booted and ran a few processes is past that (review D9).

@@ -409,6 +409,11 @@ class Multi(EngineState):
         return (target << PAGE_SHIFT) | flags | (SH_FL1 if fl1 else 0)
 
     def _set_l1e(self, sh: Shadow, i: int, new: int, g: int, reason: str) -> None:
+        """shadow_set_l1e: a writable mapping of a may-write out-of-sync
+        frame goes into its fixup table first (even if unchanged)."""
+        if (new & (SH_P | SH_RW) == SH_P | SH_RW
+                and (new & SH_ADDR) >> PAGE_SHIFT in self.oos_may_write):
+            self._oos_fixup_add((new & SH_ADDR) >> PAGE_SHIFT, sh.key, i)
         old = sh.entries[i]
         if old == new:
             return

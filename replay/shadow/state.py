@@ -88,6 +88,8 @@ class EngineState:
         #: Out-of-sync frames -> (vcpu, slot); and those that may be written.
         self.oos_where: dict[int, tuple[int, int]] = {}
         self.oos_may_write: set[int] = set()
+        #: Out-of-sync frame -> its fixup table, oldest first (oos_fixup).
+        self.oos_fixups: dict[int, list[tuple[Key, int]]] = {}
         self.mmio_frames: set[int] = set()
         #: d->arch.paging.shadow.pagetable_dying_op: the guest has used
         #: HVMOP_pagetable_dying (Xen's early unshadow then trusts it).
@@ -249,4 +251,5 @@ class EngineState:
         def _oos_forget(self, frame: int) -> None: ...
         def _resync(self, frame: int) -> None: ...
         def _resync_all(self) -> None: ...
+        def _oos_fixup_add(self, frame: int, key: Key, i: int) -> None: ...
 

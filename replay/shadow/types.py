@@ -172,7 +172,7 @@ COUNTERS: Final = (
     "shadow_validate_gl1e_calls", "shadow_validate_gl2e_calls",
     "shadow_validate_gl3e_calls", "shadow_validate_gl4e_calls",
     "shadow_prefetch", "shadow_unsync", "shadow_unsync_evict", "shadow_resync",
-    "shadow_resync_only",
+    "shadow_resync_only", "shadow_oos_fixup_add", "shadow_oos_fixup_evict",
     "shadow_early_unshadow",
     "pagetable_dying", "shadow_unshadow_dying", "untracked", "shadow_unshadow_untracked",
     "shadow_unshadow_unaligned", "shadow_unshadow_set_error",
