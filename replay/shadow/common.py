@@ -75,6 +75,7 @@ class Common(EngineState):
             v.last_write_emul_ok = False
         level = int(sh.type)
         self.parents.pop(key, None)
+        self.up.pop(key, None)
         for i, e in enumerate(sh.entries):
             if not e & SH_P:
                 continue
@@ -88,6 +89,8 @@ class Common(EngineState):
                 ps = self.parents.get(child)
                 if ps is not None:
                     ps.discard((key, i))
+                if self.up.get(child) == (key, i):
+                    del self.up[child]
                 self._put_ref(child, reason if reason == "pool" else "refcount")
 
     def _pin(self, key: Key) -> None:
@@ -122,6 +125,30 @@ class Common(EngineState):
                 psh = self.shadows.get(pk)
                 if psh is not None and key in self.shadows:
                     self._set_upper(psh, i, 0, 0, reason)
+
+    def _has_up_pointer(self, stype: ShadowType) -> bool:
+        """sh_type_has_up_pointer (private.h): every 64-bit type that is not
+        pinnable (an L4 always is; an L3 while LINUX_L3_TOPLEVEL is on)."""
+        return stype != L4 and not (stype == L3 and self.l3_pinning)
+
+    def _remove_shadows_fast(self, frame: int, reason: str) -> None:
+        """sh_remove_shadows with fast = 1 (check_for_early_unshadow, the
+        dying-root rule of sh_page_fault): DO_UNSHADOW for L4, L3, L2, L1
+        unpins a pinnable shadow, or else clears the one parent entry its
+        up-pointer names (sh_remove_shadow_via_pointer); the brute-force
+        search of the other parents runs only when not fast."""
+        for t in (L4, L3, L2, L1):
+            key = (frame, t)
+            if key not in self.shadows:
+                continue
+            if not self._has_up_pointer(t):
+                self._unpin(key, reason)
+                continue
+            up = self.up.get(key)
+            if up is not None:
+                psh = self.shadows.get(up[0])
+                if psh is not None:
+                    self._set_upper(psh, up[1], 0, 0, reason)
 
     def _remove_write_access(self, frame: int) -> None:
         """sh_remove_write_access: every writable shadow mapping of the

@@ -43,6 +43,8 @@ SHADOW_OPTIMIZATIONS: Final = 0x1FF
 PREFETCH_DISTANCE: Final = 32
 #: Xen's SHADOW_OOS_PAGES: out-of-sync slots per vCPU.
 SHADOW_OOS_PAGES: Final = 3
+#: Xen's SHADOW_OOS_FIXUPS: writable mappings remembered per out-of-sync page.
+SHADOW_OOS_FIXUPS: Final = 2
 #: Xen's VTLB_ENTRIES.
 VTLB_ENTRIES: Final = 13
 #: The most CR3-target values VMX hardware offers (we model 4).
@@ -62,15 +64,36 @@ CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "cr3_targets_active": CR3_TARGETS_ACTIVE,
     "guest_kind": GUEST_KINDS,
 }
-#: Smallest pool Xen accepts (pages), see shadow_set_allocation callers.
-MIN_POOL_PAGES: Final = 1024
+#: Pages of the domain's p2m, which Xen takes from the shadow pool
+#: (shadow_alloc_p2m_page; shadow_set_allocation: ``pages -= p2m_pages``).
+#: Not in the trace; an estimate for the guests qmp_tools/xen.py runs (PVH,
+#: RAM populated with 2 MiB pages, which p2m-pt maps in L2 entries for a
+#: shadow domain): L4, L3, the L2 of the RAM's GiB, an L1 for the low 2 MiB,
+#: an L2 and an L1 for the special pages below 4 GiB, and the page
+#: shadow_enable takes for the 1-to-1 table of a guest with paging off.
+P2M_PAGES: Final = 7
+#: sh_make_monitor_table: one monitor table (an L4) per vCPU, from the pool.
+MONITOR_PAGES_PER_VCPU: Final = 1
+
+
+def sh_min_allocation(vcpus: int, ram_mib: int) -> int:
+    """Xen's floor (common.c sh_min_allocation for an HVM/PVH domain):
+    shadow_min_acceptable_pages (128 per vCPU), plus one page per MiB of
+    RAM (at least 6), plus one; the p2m term is the larger of that and the
+    p2m's pages, which are far fewer here."""
+    return 128 * vcpus + max(ram_mib, 6) + 1
 
 
 def default_pool_pages(vcpus: int, ram_mib: int) -> int:
-    """libxl's HVM shadow default: 4 * (256 * vCPUs + 2 * RAM_MiB) KiB,
-    in 4 KiB pages, at least :data:`MIN_POOL_PAGES`."""
-    kib = 4 * (256 * vcpus + 2 * ram_mib)
-    return max(MIN_POOL_PAGES, kib // 4)
+    """The pool pages left for shadows and out-of-sync snapshots in the
+    domains we run (memory = maxmem, no shadow_memory): libxl's
+    libxl__get_required_paging_memory, 4 * (256 * vCPUs + 2 * RAM_MiB) KiB
+    (libxl_create.c; set with xc_set_paging_mempool_size, libxl_dom.c),
+    raised to Xen's floor and less the p2m pages (common.c
+    shadow_set_allocation), less one monitor table per vCPU."""
+    libxl = (4 * (256 * vcpus + 2 * ram_mib)) // 4
+    pages = max(libxl, sh_min_allocation(vcpus, ram_mib)) - P2M_PAGES
+    return pages - MONITOR_PAGES_PER_VCPU * vcpus
 
 
 @dataclass

@@ -36,6 +36,7 @@ from typing import Final
 from ..guest.memory import PAGE_SHIFT, cr3_root
 from ..trace import format as fmt
 from .common import Common
+from .hvm import Emulate
 from .multi import Multi
 from .oos import OutOfSync
 from .targets import Cr3Targets
@@ -46,7 +47,7 @@ _CR4_PSE, _CR4_PAE, _CR4_PGE, _CR4_PCIDE, _CR4_SMEP = 1 << 4, 1 << 5, 1 << 7, 1 
 _CR4_MODE_BITS: Final = _CR4_PSE | _CR4_PAE | _CR4_PGE | _CR4_SMEP
 
 
-class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
+class ShadowEngine(Cr3Targets, OutOfSync, Common, Emulate, Multi):
     """Xen's shadow paging as a state machine over trace events.
 
     :param config: knobs and sizes (defaults: upstream).
@@ -158,9 +159,11 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
         self.pins.clear()
         self.pt_types.clear()
         self.parents.clear()
+        self.up.clear()
         self.rw_maps.clear()
         self.oos_where.clear()
         self.oos_may_write.clear()
+        self.oos_fixups.clear()
         # SHOPT_LINUX_L3_TOPLEVEL is switched off for good by sh_make_shadow
         # once a domain has had more than 2 * max_vcpus L4 shadows: any Linux
         # that booted and ran a few processes is past that (review D9).
@@ -239,7 +242,21 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Multi):
             old & _CR4_PCIDE and not new & _CR4_PCIDE)
         if changed and v.xen_cr3 is not None:
             self.counters["cr4_paging_update"] += 1
-            self._update_cr3(v, v.xen_cr3, reason="cr4")
+            self._update_paging_modes(v)
+
+    def _update_paging_modes(self, v: VCpu) -> None:
+        """common.c sh_update_paging_modes for a long-mode vCPU: first
+        detach_old_tables (multi.c sh_detach_old_tables: the slot's
+        reference on the root goes, so an unpinned root dies with its
+        hierarchy), then shadow_resync_all (every vCPU's out-of-sync pages,
+        fully), then sh_update_cr3 on the same CR3."""
+        assert v.xen_cr3 is not None
+        old, v.slot = v.slot, None
+        if old is not None:
+            self._put_ref(old, "refcount")
+        if self.config.out_of_sync:
+            self._resync_all()
+        self._update_cr3(v, v.xen_cr3, reason="cr4")
 
     # -- flushes ---------------------------------------------------------
     def invlpg(self, index: int, vcpu: int, va: int) -> None:

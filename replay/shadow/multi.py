@@ -18,7 +18,9 @@ from ..guest.memory import (
     PTE_D,
     PTE_NX,
     PTE_P,
+    PTE_PCD,
     PTE_PS,
+    PTE_PWT,
     PTE_RW,
     PTE_US,
     Access,
@@ -54,6 +56,11 @@ from .types import (
 
 #: Flags copied from a present guest entry (plus NX).
 _PASS_THRU: Final = PTE_A | PTE_US | PTE_RW | PTE_P | PTE_NX
+#: The rights of a made-up FL1 guest entry (guest_walk.c, PSE l2e).
+_FULL_RIGHTS: Final = PTE_P | PTE_US | PTE_RW | PTE_A | PTE_D
+#: A 2 MiB entry's PAT bit (12), and where it sits in a 4 KiB entry (7).
+_PSE_PAT: Final = 1 << 12
+_PTE_PAT: Final = 1 << 7
 
 
 class Multi(EngineState):
@@ -78,6 +85,7 @@ class Multi(EngineState):
         c = self.counters
         cfg = self.config
         c["shadow_fault"] += 1
+        v.emul_arm = None
         if v.cr3 != v.xen_cr3:
             self.hazards.append(Hazard(self._event, vcpu, "fault-on-stale-root",
                                        cr3_root(v.cr3 or 0),
@@ -163,12 +171,13 @@ class Multi(EngineState):
                     w.xen_cr3 is not None and cr3_root(w.xen_cr3) == gfn
                     for w in self.vcpus):
                 c["shadow_unshadow_dying"] += 1
-                self._remove_all_shadows(gfn, "pagetable-dying")
+                self._remove_shadows_fast(gfn, "pagetable-dying")
             # Armed only if the frame is still a page table after the write.
             if cfg.fast_emulation and gfn in self.pt_types:
                 v.last_emulated_frame = va >> PAGE_SHIFT
                 v.last_emulated_mfn = gfn
                 v.last_write_emul_ok = True
+                v.emul_arm = gfn  # re-armed after the write (hvm.py)
             return "emulate"
         if mmio:
             c["shadow_fault_mmio"] += 1
@@ -216,8 +225,9 @@ class Multi(EngineState):
             sl1 = self.shadows[self._child_key(e2, 2)]
         else:
             if pse:
+                # keyed by guest_l2e_get_gfn: the PSE-PAT bit (12) stays in,
+                # so two PAT variants of one 2 MiB frame are two FL1 shadows
                 base = (gl2e & SH_ADDR) >> PAGE_SHIFT
-                base &= ~0x1FF
                 sl1 = self.shadows.get((base, FL1)) or self._make_shadow(base, FL1, "demand")
             else:
                 l1f = gw.frames[3]
@@ -230,9 +240,14 @@ class Multi(EngineState):
 
     @staticmethod
     def _splinter(gl2e: int, va: int) -> int:
-        """The 4 KiB guest "l1e" of ``va`` inside a 2 MiB superpage."""
+        """The 4 KiB guest "l1e" of ``va`` inside a 2 MiB superpage, as
+        guest_walk.c makes one up for a PSE l2e: full rights (P, US, RW, A,
+        D; the l2e's own rights are enforced in the shadow l2e) plus its
+        cache bits (PWT, PCD; PAT in bit 7 when the PSE-PAT bit 12 is set)."""
         base = (gl2e & ADDR_MASK) & ~0x1F_FFFF
-        flags = gl2e & (0xFFF | PTE_NX) & ~PTE_PS & ~0x1000
+        flags = _FULL_RIGHTS | gl2e & (PTE_PWT | PTE_PCD)
+        if gl2e & _PSE_PAT:
+            flags |= _PTE_PAT
         return base + (((va >> PAGE_SHIFT) & 0x1FF) << PAGE_SHIFT) | flags
 
     def _prefetch(self, gw: Walk, sl1: Shadow, i1: int, va: int) -> None:
@@ -285,66 +300,6 @@ class Multi(EngineState):
                 continue
             self._remove_write_access(frame)
 
-    # -- emulated table writes -------------------------------------------
-    def table_write(self, index: int, vcpu: int, pa: int, val: int, va: int) -> None:
-        """TABLE_WRITE: the new value of one 8-byte entry after a store.
-
-        The guest memory always takes it. If the frame is shadowed and not
-        out of sync, the store was trapped and emulated by Xen: the entry is
-        re-validated into every shadow of the frame (L1 first), subject to
-        SKIP_VERIFY and the early-unshadow heuristic.
-        """
-        self._event, self._vcpu = index, vcpu
-        c = self.counters
-        c["table_writes"] += 1
-        old = self.guest.write(pa, val)
-        frame = pa >> PAGE_SHIFT
-        if frame not in self.pt_types:
-            return
-        if frame in self.oos_where:
-            c["shadow_oos_stale_write"] += 1
-            return
-        c["shadow_emulate"] += 1
-        v = self._v(vcpu)
-        # The store this entry belongs to: TABLE_WRITEs carry the store's va;
-        # the first entry touched is the one holding the store's address.
-        store = v.last_store
-        first = (pa & 0xFF8) == (va & 0xFF8)
-        off = va & 7 if first else 0
-        size = 8
-        if store is not None and store[0] == va:
-            size = min(store[1], 8 - off) if first else 8
-        cfg = self.config
-        written = (val >> (8 * off)) & ((1 << (8 * size)) - 1)
-        # Early unshadow (check_for_early_unshadow): an aligned zero write.
-        if size >= 4 and written & 0xFFFF_FFFF == 0:
-            if off == 0 and cfg.early_unshadow:
-                if self._early_unshadow_due(v, frame):
-                    c["shadow_early_unshadow"] += 1
-                    self._remove_all_shadows(frame, "early-unshadow")
-                v.last_emulated_mfn_for_unshadow = frame
-        else:
-            v.last_emulated_mfn_for_unshadow = None
-        if frame not in self.pt_types:
-            return
-        if (cfg.skip_verify and old is not None and off == 0 and size <= 8
-                and not old & PTE_P and not val & PTE_P):
-            c["shadow_validate_skip"] += 1
-            return
-        self._validate(frame, (pa >> 3) & 0x1FF, val, "validate")
-
-    def _early_unshadow_due(self, v: VCpu, frame: int) -> bool:
-        """shadow/hvm.c check_for_early_unshadow, for an aligned zero write
-        to a shadowed frame: a guest that has never used
-        HVMOP_pagetable_dying gets the two-write heuristic (the same frame
-        as the last such write); one that has is trusted instead: unshadow
-        while this vCPU's ``pagetable_dying`` is set, but never a frame
-        with an L2 or L4 shadow (``SHF_L2_* | SHF_L4_64``)."""
-        if not (v.pagetable_dying
-                or (not self.dying_op and v.last_emulated_mfn_for_unshadow == frame)):
-            return False
-        return not (self.dying_op and self.pt_types.get(frame, set()) & {L2, L4})
-
     # -- HVMOP_pagetable_dying (Xen-aware guests) -------------------------
     def _boot_probe(self) -> None:
         """What a Xen-aware Linux's boot probe leaves behind: xen_hvm_init_mmu_ops
@@ -374,8 +329,14 @@ class Multi(EngineState):
         self._v(vcpu).pagetable_dying = True
 
     def _validate(self, frame: int, i: int, g: int, reason: str) -> None:
-        """Xen's sh_validate_guest_entry for one entry: L1, L2, L3, L4."""
+        """Xen's sh_validate_guest_entry for one entry: L1, L2, L3, L4.
+
+        validate_gl4e/gl3e/gl2e: a present entry (not a 2 MiB one) whose
+        target gfn is not RAM sets SHADOW_SET_ERROR, and
+        validate_guest_pt_write then removes the frame's shadows ("probably
+        not a pagetable any more")."""
         c = self.counters
+        error = False
         for t in (L1, L2, L3, L4):
             sh = self.shadows.get((frame, t))
             if sh is None:
@@ -390,11 +351,13 @@ class Multi(EngineState):
             if g & PTE_P:
                 cf = (g & ADDR_MASK) >> PAGE_SHIFT
                 if t == L2 and g & PTE_PS:
-                    child = (cf & ~0x1FF, FL1)
+                    child = (cf, FL1)  # the PAT bit kept, as above
                 elif t == L2:
                     child = (cf, L1)
                 elif not g & PTE_PS:
                     child = (cf, ShadowType(t - 1))
+                if not (t == L2 and g & PTE_PS) and self._is_mmio(cf):
+                    error = True
                 if child is not None and child not in self.shadows:
                     child = None
                 if child is not None and t >= L3 and self.config.out_of_sync:
@@ -403,6 +366,9 @@ class Multi(EngineState):
                                   fl1=child is not None and child[1] == FL1)
             if (frame, t) in self.shadows:
                 self._set_upper(sh, i, new, g, reason)
+        if error:
+            c["shadow_unshadow_set_error"] += 1
+            self._remove_all_shadows(frame, "set-error")
 
     # ================================================================== #
     # _sh_propagate and entry setting                                      #
@@ -443,6 +409,11 @@ class Multi(EngineState):
         return (target << PAGE_SHIFT) | flags | (SH_FL1 if fl1 else 0)
 
     def _set_l1e(self, sh: Shadow, i: int, new: int, g: int, reason: str) -> None:
+        """shadow_set_l1e: a writable mapping of a may-write out-of-sync
+        frame goes into its fixup table first (even if unchanged)."""
+        if (new & (SH_P | SH_RW) == SH_P | SH_RW
+                and (new & SH_ADDR) >> PAGE_SHIFT in self.oos_may_write):
+            self._oos_fixup_add((new & SH_ADDR) >> PAGE_SHIFT, sh.key, i)
         old = sh.entries[i]
         if old == new:
             return
@@ -471,6 +442,8 @@ class Multi(EngineState):
             child = self._child_key(new, level)
             self.shadows[child].refcount += 1
             self.parents.setdefault(child, set()).add((key, i))
+            if child not in self.up and self._has_up_pointer(child[1]):
+                self.up[child] = (key, i)  # sh_get_ref: the first parent entry
             if level == 4 and self.l3_pinning:
                 self._pin(child)
             if (level == 2 and child[1] == L1 and self.config.out_of_sync
@@ -486,4 +459,6 @@ class Multi(EngineState):
             ps = self.parents.get(ochild)
             if ps is not None:
                 ps.discard((key, i))
+            if self.up.get(ochild) == (key, i):
+                del self.up[ochild]  # sh_put_ref: that entry no longer links it
             self._put_ref(ochild, "refcount")

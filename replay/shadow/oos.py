@@ -8,9 +8,9 @@ re-validate what changed since the snapshot) and shadow_resync_all.
 from __future__ import annotations
 
 from ..guest.memory import ADDR_MASK, PAGE_SHIFT, PTE_P
-from .config import SHADOW_OOS_PAGES
+from .config import SHADOW_OOS_FIXUPS, SHADOW_OOS_PAGES
 from .state import EngineState
-from .types import L1, SH_MAGIC, SH_P, Fetch, Key, VCpu
+from .types import L1, SH_ADDR, SH_MAGIC, SH_P, SH_RW, Fetch, Key, VCpu
 
 #: Shadow L1 entries sh_resync_l1 visits: present ones, magic ones included.
 _VISITED = SH_P | SH_MAGIC
@@ -23,12 +23,18 @@ class OutOfSync(EngineState):
     # Out of sync                                                          #
     # ================================================================== #
     def _unsync(self, v: VCpu, vcpu: int, frame: int) -> None:
-        """sh_unsync: only a frame shadowed as an L1 alone, not yet OOS."""
+        """sh_unsync: only a frame shadowed as an L1 alone, not yet OOS,
+        and only while ``oos_active``: sh_update_paging_modes sets it when
+        every vCPU has paging enabled (the trace's sign of that: the vCPU
+        has a CR3; an AP loads its CR3 just before it sets CR0.PG)."""
         types = self.pt_types.get(frame)
         if types != {L1} or frame in self.oos_where:
             return
+        if any(w.xen_cr3 is None for w in self.vcpus):
+            return
         self._oos_hash_add(v, vcpu, frame)
         self.oos_may_write.add(frame)
+        self.oos_fixups[frame] = []
         self.counters["shadow_unsync"] += 1
         self._fact("unsynced", frame, int(L1), -1, 0, 0, "write-fault")
 
@@ -58,9 +64,32 @@ class OutOfSync(EngineState):
             if snap is not None:
                 snap[i] = g
 
+    def _oos_fixup_add(self, frame: int, key: Key, i: int) -> None:
+        """oos_fixup_add (common.c), from shadow_set_l1e for every writable
+        mapping of a may-write out-of-sync frame: each OOS page keeps its
+        last SHADOW_OOS_FIXUPS (2) writable mappings; a third one takes the
+        oldest's place, which loses write access
+        (sh_rm_write_access_from_sl1p: also sets this vCPU's
+        pagetable_dying from the frame's)."""
+        fix = self.oos_fixups.get(frame)
+        if fix is None or (key, i) in fix:
+            return
+        self.counters["shadow_oos_fixup_add"] += 1
+        if len(fix) == SHADOW_OOS_FIXUPS:
+            okey, oi = fix.pop(0)
+            self.counters["shadow_oos_fixup_evict"] += 1
+            self._v(self._vcpu).pagetable_dying = frame in self.dying_frames
+            sh = self.shadows.get(okey)
+            if sh is not None:
+                e = sh.entries[oi]
+                if e & (SH_P | SH_RW) == SH_P | SH_RW and (e & SH_ADDR) >> PAGE_SHIFT == frame:
+                    self._set_l1e(sh, oi, e & ~SH_RW, -1, "oos-fixup")
+        fix.append((key, i))
+
     def _oos_forget(self, frame: int) -> None:
         where = self.oos_where.pop(frame, None)
         self.oos_may_write.discard(frame)
+        self.oos_fixups.pop(frame, None)
         if where is not None:
             v = self.vcpus[where[0]]
             v.oos[where[1]] = None

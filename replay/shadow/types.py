@@ -140,6 +140,9 @@ class VCpu:
     )
     #: SHOPT_FAST_EMULATION state.
     last_write_emul_ok: bool = False
+    #: The frame whose store this vCPU's last fault emulated on the slow
+    #: path (fast emulation is armed after the write); None after others.
+    emul_arm: int | None = None
     last_emulated_frame: int = 0
     last_emulated_mfn: int = 0
     #: SHOPT_EARLY_UNSHADOW state.
@@ -169,9 +172,10 @@ COUNTERS: Final = (
     "shadow_validate_gl1e_calls", "shadow_validate_gl2e_calls",
     "shadow_validate_gl3e_calls", "shadow_validate_gl4e_calls",
     "shadow_prefetch", "shadow_unsync", "shadow_unsync_evict", "shadow_resync",
-    "shadow_resync_only",
+    "shadow_resync_only", "shadow_oos_fixup_add", "shadow_oos_fixup_evict",
     "shadow_early_unshadow",
     "pagetable_dying", "shadow_unshadow_dying", "untracked", "shadow_unshadow_untracked",
+    "shadow_unshadow_unaligned", "shadow_unshadow_set_error",
     "shadow_writeable", "shadow_invlpg",
     "shadow_prealloc_1", "shadow_prealloc_2", "shadow_prealloc_fail",
     "shadow_evicted", "shadow_unpin_l3_toplevel",
