@@ -151,6 +151,9 @@ class WindowTally:
     pages: set[int] = field(default_factory=set)
     start: dict[str, int] | None = None
     stop: dict[str, int] | None = None
+    #: event indices of the start and stop markers
+    start_event: int | None = None
+    stop_event: int | None = None
     counters: Callable[[], dict[str, int]] | None = None
 
     def fault(self, event: int, vcpu: int, va: int, write: bool, outcome: str,
@@ -165,9 +168,11 @@ class WindowTally:
         name = words[0] if words else ""
         if name == "start" and self.start is None:
             self.inside = True
+            self.start_event = event
             self.start = dict(self.counters()) if self.counters else {}
         elif name == "stop" and self.inside:
             self.inside = False
+            self.stop_event = event
             self.stop = dict(self.counters()) if self.counters else {}
 
     def __call__(self, fact: Fact) -> None:
@@ -212,11 +217,21 @@ def _ratio(model: float, xen: float) -> float | None:
     return model / xen
 
 
-def model_answer(rep: Any, va: int) -> dict[str, Any]:
-    """The model's first leaf event of ``va`` (timeline), as compare reports it."""
+def model_answer(rep: Any, va: int, window: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The model's first leaf event of ``va`` (timeline) inside ``window``
+    (start and stop event; None: the whole trace), as compare reports it.
+
+    A leaf built before the window and still there when it opens (a warm
+    start) is ``held``: the model had nothing to build, as Xen has nothing
+    to record for a shadow it already holds."""
     tl = rep.timeline.timelines.get(va)
-    births = [e.row("L1e").birth for e in tl.episodes] if tl is not None else []
+    rows = [e.row("L1e") for e in tl.episodes] if tl is not None else []
+    lo, hi = window if window is not None else (0, 1 << 62)
+    births = [r.birth for r in rows if lo <= r.birth.event < hi]
     if not births:
+        if any(r.birth.event < lo and (r.destroyed is None or r.destroyed[0] >= lo)
+               for r in rows):
+            return {"kind": "held", "symbol": None, "event": None}
         return {"kind": "none", "symbol": None, "event": None}
     b = min(births, key=lambda b: b.event)
     kind = f"demand-{b.access}" if b.reason == "demand" and b.access else b.reason
@@ -245,7 +260,7 @@ def agree(model: dict[str, Any], xen: dict[str, Any]) -> bool:
     if model["kind"].startswith("demand-"):
         fm, fx = _function(model["symbol"]), _function(xen["symbol"])
         return bool(xen["kind"] == "fixup+new-l1e" and fm is not None and fm == fx)
-    if model["kind"] in ("prefetch", "validate", "resync"):
+    if model["kind"] in ("prefetch", "validate", "resync", "held"):
         return bool(xen["kind"] == "none")
     return False
 
@@ -282,8 +297,9 @@ def compare(
         raise UsageError(f"{trace}: no start/stop marker pair: nothing to compare")
     inside = xen.filter((pl.col("window") == "inside") & pl.col("vcpu").is_not_null())
     answers = []
+    window = (tally.start_event or 0, tally.stop_event or 0)
     for i, mva in enumerate(model_vas):
-        m = model_answer(rep, mva)
+        m = model_answer(rep, mva, window)
         xva = xen_vas[i] if i < len(xen_vas) else None
         x = xen_answer(inside, xva) if xva is not None else {
             "kind": "none", "symbol": None, "record": None}
@@ -301,5 +317,14 @@ def compare(
     xs = both / len(xp) if xp else 0.0
     metrics.append({"name": SHARED, "model": round(ms, 4), "xen": round(xs, 4),
                     "ratio": _ratio(ms, xs)})
-    return {"trace": str(trace), "xen": str(table_path), "answers": answers,
-            "metrics": metrics}
+    return {"trace": str(trace), "xen": str(table_path), "start": start_kind(rep.doc["trace"]["header"]),
+            "window_events": list(window), "answers": answers, "metrics": metrics}
+
+
+def start_kind(header: dict[str, Any]) -> str:
+    """``warm`` for a whole-run capture (``capture --window all``): the replay
+    ran from boot, so the model opens the window with the shadows it built
+    before, as Xen does; ``cold`` for a marker-window capture: the replay
+    began at the start marker with no shadows."""
+    options = header.get("options") or {}
+    return "warm" if options.get("window") == "all" else "cold"
