@@ -317,8 +317,9 @@ def compare(
     xs = both / len(xp) if xp else 0.0
     metrics.append({"name": SHARED, "model": round(ms, 4), "xen": round(xs, 4),
                     "ratio": _ratio(ms, xs)})
-    return {"trace": str(trace), "xen": str(table_path), "start": start_kind(rep.doc["trace"]["header"]),
-            "window_events": list(window), "answers": answers, "metrics": metrics}
+    return {"trace": str(trace), "xen": str(table_path),
+            "start": start_kind(rep.doc["trace"]["header"]), "window_events": list(window),
+            "answers": answers, "metrics": metrics}
 
 
 def start_kind(header: dict[str, Any]) -> str:
