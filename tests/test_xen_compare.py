@@ -200,3 +200,25 @@ def test_readme_model_column_is_what_compare_gives(
         model = m["model"]
         text = f"{model:.2f}" if isinstance(model, float) else f"{model:,}"
         assert rows[m["name"]] == text, m["name"]
+
+
+def test_rename_markers_cuts_the_window_again(xen_seed_run: XenCliRun) -> None:
+    """compare names Xen's marker records from the capture's CPUID markers: a
+    guest marker that prints no ``stmark:`` line (secretmem's ``secure-va``)
+    must not take the name ``stop`` and close Xen's window early."""
+    from replay.xen.annotate import rename_markers
+
+    df = _table(xen_seed_run)
+    names = df.filter(pl.col("marker").is_not_null())["marker"].to_list()
+    # the seed run's markers: kernel, start, stop, then the module's sections
+    assert names[1:3] == ["start", "stop"] and len(names) > 4
+    moved = ["kernel _text", "start", "secure-va 0x1", "stop", *names[4:]]
+    again = rename_markers(df, moved)
+    old_in = df.filter(pl.col("window") == "inside").height
+    new_in = again.filter(pl.col("window") == "inside").height
+    # the window now runs on to the 4th marker record: the old stop record and
+    # everything up to the 4th marker are inside (at least the old stop row)
+    assert new_in > old_in
+    assert again.filter(pl.col("window") == "marker")["marker"].to_list() == ["start", "stop"]
+    # one name too few: the table is left as it is
+    assert rename_markers(df, moved[:-1])["window"].to_list() == df["window"].to_list()

@@ -39,6 +39,8 @@ from ..errors import UsageError
 from ..session import ReplayOptions, console_text, console_vas, replay
 from ..shadow.engine import ShadowEngine
 from ..shadow.types import Fact
+from ..trace import format as fmt
+from .annotate import rename_markers
 from .summary import read_parquet
 
 #: Xen records that stand for one shadow fault on their VA.
@@ -295,6 +297,7 @@ def compare(
     rep = replay(opts, sinks=[tally], attach=attach)
     if tally.start is None or tally.stop is None:
         raise UsageError(f"{trace}: no start/stop marker pair: nothing to compare")
+    xen = rename_markers(xen, cpuid_markers(rep.stats.markers))
     inside = xen.filter((pl.col("window") == "inside") & pl.col("vcpu").is_not_null())
     answers = []
     window = (tally.start_event or 0, tally.stop_event or 0)
@@ -320,6 +323,16 @@ def compare(
     return {"trace": str(trace), "xen": str(table_path),
             "start": start_kind(rep.doc["trace"]["header"]), "window_events": list(window),
             "answers": answers, "metrics": metrics}
+
+
+#: Markers the plugin writes itself (no CPUID in the guest: Xen has no record).
+PLUGIN_MARKERS: tuple[str, ...] = (fmt.MARKER_CONSOLE, fmt.MARKER_DYING)
+
+
+def cpuid_markers(markers: list[tuple[int, int, list[str]]]) -> list[str]:
+    """The texts of a replay's markers that were the guest's CPUIDs, in order."""
+    return [" ".join(words) for _, _, words in markers
+            if words and words[0] not in PLUGIN_MARKERS]
 
 
 def start_kind(header: dict[str, Any]) -> str:
