@@ -95,12 +95,14 @@ METRICS: tuple[Metric, ...] = (
            "(trace_shadow_emulate); model 'emulate' + 'fast_emulate'",
            lambda t: t.outcome("emulate") + t.outcome("fast_emulate"), _kinds("emulate")),
     Metric("early_unshadows",
-           "emulated writes after which Xen dropped a page table's shadows at once: Xen "
-           "EMULATE records with the early_unshadow flag (check_for_early_unshadow's "
-           "two-write or dying-process rule) or the demote flag (the frame stopped being a "
-           "page table, e.g. sh_page_fault's rule for a write to a dying top-level table); "
-           "model counters shadow_early_unshadow + shadow_unshadow_dying",
-           lambda t: t.counter("shadow_early_unshadow") + t.counter("shadow_unshadow_dying"),
+           "emulated writes during which shadows were destroyed: Xen EMULATE records with "
+           "the demote flag (shadow_demote, run for every shadow destroyed while the write "
+           "is handled: check_for_early_unshadow's two-write or dying-process rule, "
+           "sh_page_fault's rule for a write to a dying top-level table, or a lower "
+           "shadow losing its last reference to the written entry) or the early_unshadow "
+           "flag; model emulated writes ('emulate', 'fast_emulate') during which the "
+           "engine destroyed a shadow (at the store or at its TABLE_WRITEs)",
+           lambda t: t.destroying_emulates(),
            _flag("early_unshadow", "demote", kinds=("emulate",))),
     Metric("user_write_unshadows",
            "user-mode writes to a page table, taken as 'no page table any more': Xen "
@@ -142,6 +144,10 @@ SHARED_DOC = (
 )
 
 
+#: TABLE_WRITE events one store is followed by, at most (16 bytes, 8 per entry).
+TABLE_WRITES_PER_STORE = 2
+
+
 @dataclass
 class WindowTally:
     """What the model did inside the marker window (engine hooks and facts)."""
@@ -151,6 +157,9 @@ class WindowTally:
     wrmap: int = 0
     pool_unpins: int = 0
     pages: set[int] = field(default_factory=set)
+    #: events of emulated writes, and events at which a shadow was destroyed
+    emulates: set[int] = field(default_factory=set)
+    destroys: set[int] = field(default_factory=set)
     start: dict[str, int] | None = None
     stop: dict[str, int] | None = None
     #: event indices of the start and stop markers
@@ -165,6 +174,8 @@ class WindowTally:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.wrmap += wrmap
         self.pages.add(va >> 12)
+        if outcome in ("emulate", "fast_emulate"):
+            self.emulates.add(event)
 
     def marker(self, event: int, words: list[str]) -> None:
         name = words[0] if words else ""
@@ -178,8 +189,19 @@ class WindowTally:
             self.stop = dict(self.counters()) if self.counters else {}
 
     def __call__(self, fact: Fact) -> None:
-        if self.inside and fact.kind == "unpinned" and fact.reason == "pool":
+        if not self.inside:
+            return
+        if fact.kind == "unpinned" and fact.reason == "pool":
             self.pool_unpins += 1
+        elif fact.kind == "destroyed":
+            self.destroys.add(fact.event)
+
+    def destroying_emulates(self) -> int:
+        """Emulated writes with a shadow destroyed at their store's event or at
+        one of the TABLE_WRITEs that follow it (one per 8-byte entry, so at
+        most two for a 16-byte store), where the engine validates the entry."""
+        return sum(1 for e in self.emulates
+                   if any(e + k in self.destroys for k in range(TABLE_WRITES_PER_STORE + 1)))
 
     def outcome(self, name: str) -> int:
         return self.outcomes.get(name, 0)
