@@ -143,13 +143,21 @@ def _compare(trace: Path, xen: XenCliRun, out: Path) -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture(scope="module")
+def warm_doc(warm_seed: Captured, xen_seed_run: XenCliRun,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """compare of the warm seed capture with the seed Xen run (one replay of a
+    whole boot, about a minute and a half, shared by the tests below)."""
+    return _compare(warm_seed.trace, xen_seed_run, tmp_path_factory.mktemp("warm") / "cmp.json")
+
+
 def test_compare_warm_start_takes_the_first_touch_faults_away(
-    warm_seed: Captured, xen_seed_run: XenCliRun, tmp_path: Path,
+    warm_doc: dict[str, Any], xen_seed_run: XenCliRun, tmp_path: Path,
 ) -> None:
     """A whole-boot capture replays from boot and counts only the marker
     window: the model opens the window with the shadows boot left, as Xen does."""
     cold = _compare(SEED, xen_seed_run, tmp_path / "cold.json")
-    warm = _compare(warm_seed.trace, xen_seed_run, tmp_path / "warm.json")
+    warm = warm_doc
     assert cold["start"] == "cold" and warm["start"] == "warm"
     # the whole boot was replayed before the start marker (the recorded trace's
     # start marker is among its first events: its window opens there)
@@ -175,26 +183,22 @@ def test_compare_warm_start_takes_the_first_touch_faults_away(
     assert by_warm[SHARED]["model"] > 0.4
 
 
-def test_readme_model_column_is_what_compare_gives(
-    warm_seed: Captured, xen_seed_run: XenCliRun, tmp_path: Path,
-) -> None:
-    """The model half of the README's "Model vs real Xen" seed column comes from
-    this replay of a warm capture, as make xen-fidelity makes it (deterministic:
-    the same bytes each time; Xen's half is one measured run and varies)."""
-    doc = _compare(warm_seed.trace, xen_seed_run, tmp_path / "cmp.json")
+def test_readme_model_column_is_what_compare_gives(warm_doc: dict[str, Any]) -> None:
+    """The model half of the README's "Model vs real Xen" seed column (the first
+    metrics table, the warm one) comes from this replay of a warm capture, as
+    make xen-fidelity makes it (deterministic: the same bytes each time; Xen's
+    half is one measured run and varies)."""
+    doc = warm_doc
     readme = (TOP / "README.md").read_text()
-    section = readme[readme.index("## Model vs real Xen"):]
-    header = next(ln for ln in section.splitlines() if ln.startswith("| metric |"))
-    col = [c.strip() for c in header.strip("|").split("|")].index("seed")
+    lines = readme[readme.index("## Model vs real Xen"):].splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("| metric |"))
+    col = [c.strip() for c in lines[first].strip("|").split("|")].index("seed")
     rows = {}
-    for ln in section.splitlines():
-        if ln.startswith("| metric |"):
-            rows = {}  # the first metrics table is the warm one
-        if ln.startswith("| `"):
-            cells = [c.strip() for c in ln.strip("|").split("|")]
-            rows.setdefault(cells[0].strip("`"), cells[col].split(" / ")[0])
-        if rows and not ln.strip():
+    for ln in lines[first + 2:]:
+        if not ln.startswith("| `"):
             break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[col].split(" / ")[0]
     assert len(rows) == len(doc["metrics"])
     for m in doc["metrics"]:
         model = m["model"]
