@@ -32,7 +32,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 #: Fixtures that boot QEMU: a test using one must be marked e2e.
-QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run", "xen_smp_run", "module_capture")
+QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run", "xen_smp_run", "module_capture",
+                 "warm_seed")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -98,6 +99,16 @@ def seed_again(tmp_path_factory: pytest.TempPathFactory) -> Captured:
     markup: the capture summary must print it as it is) under another name."""
     folder = tmp_path_factory.mktemp("again[bold]")
     return capture(folder, "seed-again", "--scenario", "seed", "--deterministic")
+
+
+@pytest.fixture(scope="session")
+def warm_seed(tmp_path_factory: pytest.TempPathFactory) -> Captured:
+    """The seed scenario captured from boot as ``make xen-fidelity`` captures
+    it (``--window all --no-untrack --deterministic``): the model side of a
+    warm-start comparison with Xen (about a minute and a half)."""
+    folder = tmp_path_factory.mktemp("warm")
+    return capture(folder, "seed", "--scenario", "seed", "--window", "all", "--no-untrack",
+                   "--deterministic")
 
 
 @pytest.fixture(scope="session")

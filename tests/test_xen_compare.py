@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from replay.session import DEFAULT_CONSOLE_REGEX, console_vas
 from replay.xen.compare import METRICS, SHARED
 
-from .conftest import XenCliRun, run_cli
+from .conftest import Captured, XenCliRun, run_cli
 
 TOP = Path(__file__).resolve().parent.parent
 SEED = TOP / "traces" / "seed.trace"
@@ -134,24 +135,98 @@ def test_xen_unknown_scenario_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_readme_model_column_is_what_compare_gives(xen_seed_run: XenCliRun, tmp_path: Path) -> None:
-    """The model half of the README's "Model vs real Xen" seed column comes from
-    this replay (Xen's half is one measured run and varies between runs)."""
-    out = tmp_path / "cmp.json"
-    proc = run_cli("compare", "--trace", str(SEED), "--xen", str(xen_seed_run.out),
+def _compare(trace: Path, xen: XenCliRun, out: Path) -> dict[str, Any]:
+    proc = run_cli("compare", "--trace", str(trace), "--xen", str(xen.out),
                    "--watch-console", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return doc
+
+
+@pytest.fixture(scope="module")
+def warm_doc(warm_seed: Captured, xen_seed_run: XenCliRun,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """compare of the warm seed capture with the seed Xen run (one replay of a
+    whole boot, about a minute and a half, shared by the tests below)."""
+    return _compare(warm_seed.trace, xen_seed_run, tmp_path_factory.mktemp("warm") / "cmp.json")
+
+
+def test_compare_warm_start_takes_the_first_touch_faults_away(
+    warm_doc: dict[str, Any], xen_seed_run: XenCliRun, tmp_path: Path,
+) -> None:
+    """A whole-boot capture replays from boot and counts only the marker
+    window: the model opens the window with the shadows boot left, as Xen does."""
+    cold = _compare(SEED, xen_seed_run, tmp_path / "cold.json")
+    warm = warm_doc
+    assert cold["start"] == "cold" and warm["start"] == "warm"
+    # the whole boot was replayed before the start marker (the recorded trace's
+    # start marker is among its first events: its window opens there)
+    start, stop = warm["window_events"]
+    assert start > 1_000_000 and stop > start  # a boot is millions of events
+    assert cold["window_events"][0] < 1_000
+    # the seed page is first touched inside the window on both sides: the model
+    # still builds its leaf at clear_page_erms, and agrees with Xen
+    (ans,) = warm["answers"]
+    assert ans["model"]["kind"] == "demand-write"
+    assert ans["model"]["symbol"] == "clear_page_erms+0x7"
+    assert ans["agree"] is True
+    by_cold = {m["name"]: m for m in cold["metrics"]}
+    by_warm = {m["name"]: m for m in warm["metrics"]}
+    for name in ("faults_fixed", "faulted_pages"):
+        xen = by_warm[name]["xen"]
+        # cold, the model faults on every page the window touches first (about
+        # 3x Xen's in the README's cold table); warm, only on what boot did not
+        # shadow: within the issue's factor of 1.5 of Xen's
+        assert by_cold[name]["model"] > 1.5 * xen, name
+        assert xen / 1.5 <= by_warm[name]["model"] <= 1.5 * xen, name
+    # warm, most pages the model faults on are pages Xen faults on too (cold: 0.14)
+    assert by_warm[SHARED]["model"] > 0.4
+
+
+def test_readme_model_column_is_what_compare_gives(warm_doc: dict[str, Any]) -> None:
+    """The model half of the README's "Model vs real Xen" seed column (the first
+    metrics table, the warm one) comes from this replay of a warm capture, as
+    make xen-fidelity makes it (deterministic: the same bytes each time; Xen's
+    half is one measured run and varies)."""
+    doc = warm_doc
     readme = (TOP / "README.md").read_text()
-    section = readme[readme.index("## Model vs real Xen"):]
-    header = next(ln for ln in section.splitlines() if ln.startswith("| metric |"))
-    col = [c.strip() for c in header.strip("|").split("|")].index("seed")
+    lines = readme[readme.index("## Model vs real Xen"):].splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("| metric |"))
+    col = [c.strip() for c in lines[first].strip("|").split("|")].index("seed")
     rows = {}
-    for ln in section.splitlines():
-        if ln.startswith("| `"):
-            cells = [c.strip() for c in ln.strip("|").split("|")]
-            rows[cells[0].strip("`")] = cells[col].split(" / ")[0]
+    for ln in lines[first + 2:]:
+        if not ln.startswith("| `"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[col].split(" / ")[0]
+    assert len(rows) == len(doc["metrics"])
     for m in doc["metrics"]:
+        if m["name"] == SHARED:
+            # |M&X|/|M| depends on the pages Xen faulted on in its run: not the
+            # model's alone (0.55 in the README's run, 0.54 in another)
+            continue
         model = m["model"]
         text = f"{model:.2f}" if isinstance(model, float) else f"{model:,}"
         assert rows[m["name"]] == text, m["name"]
+
+
+def test_rename_markers_cuts_the_window_again(xen_seed_run: XenCliRun) -> None:
+    """compare names Xen's marker records from the capture's CPUID markers: a
+    guest marker that prints no ``stmark:`` line (secretmem's ``secure-va``)
+    must not take the name ``stop`` and close Xen's window early."""
+    from replay.xen.annotate import rename_markers
+
+    df = _table(xen_seed_run)
+    names = df.filter(pl.col("marker").is_not_null())["marker"].to_list()
+    # the seed run's markers: kernel, start, stop, then the module's sections
+    assert names[1:3] == ["start", "stop"] and len(names) > 4
+    moved = ["kernel _text", "start", "secure-va 0x1", "stop", *names[4:]]
+    again = rename_markers(df, moved)
+    old_in = df.filter(pl.col("window") == "inside").height
+    new_in = again.filter(pl.col("window") == "inside").height
+    # the window now runs on to the 4th marker record: the old stop record and
+    # everything up to the 4th marker are inside (at least the old stop row)
+    assert new_in > old_in
+    assert again.filter(pl.col("window") == "marker")["marker"].to_list() == ["start", "stop"]
+    # one name too few: the table is left as it is
+    assert rename_markers(df, moved[:-1])["window"].to_list() == df["window"].to_list()

@@ -14,7 +14,7 @@ import pytest
 
 from replay.errors import TraceFormatError
 from replay.xen import records as rec
-from replay.xen.annotate import annotate, console_markers, marker_names
+from replay.xen.annotate import annotate, console_markers, marker_names, rename_markers
 from replay.xen.decode import decode, decode_bytes
 
 VA = 0xFFFF888006192000
@@ -264,3 +264,20 @@ def test_every_compare_metric_is_documented() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "compare.md").read_text()
     for name in [m.name for m in METRICS] + [SHARED]:
         assert f"| `{name}` |" in doc, name
+
+
+def test_rename_markers_names_the_records_and_cuts_the_window_again() -> None:
+    df = annotate(decode_bytes(_run()), pcpus=[1], console=CONSOLE)
+    # the capture says the second marker record was not the start: the window
+    # opens at the third and closes at the fourth, so the fix between the 2nd
+    # and 3rd records (inside by the console's names) is before it
+    again = rename_markers(df, ["kernel _text", "secure-va 0x1", "start", "stop"])
+    fixes = again.filter(again["kind"] == "fixup")
+    assert fixes["window"].to_list() == ["before", "before", "after"]
+    marks = again.filter(again["marker"].is_not_null())
+    assert marks["marker"].to_list() == ["kernel _text", "secure-va 0x1", "start", "stop"]
+    assert marks["window"].to_list() == ["before", "before", "marker", "marker"]
+    assert fixes["after_marker"].to_list() == ["kernel _text", "secure-va 0x1", "stop"]
+    # a list of another length (3 names for 4 records) leaves the table as it is
+    same = rename_markers(df, ["a", "start", "stop"])
+    assert same["window"].to_list() == df["window"].to_list()

@@ -361,7 +361,9 @@ def print_compare(doc: dict[str, Any]) -> None:
                         _plain(a["va_xen"]), _plain(x["kind"]), _plain(x["symbol"]),
                         "yes" if a["agree"] else "NO")
     out.print(answers)
-    metrics = Table(title="inside the marker window: model vs real Xen")
+    start = doc.get("start", "cold")
+    metrics = Table(title=f"inside the marker window, model with a {start} start: "
+                    "model vs real Xen")
     for col in ("metric", "model", "Xen", "model / Xen"):
         metrics.add_column(col, justify="left" if col == "metric" else "right")
     for m in doc["metrics"]:

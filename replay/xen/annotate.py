@@ -98,6 +98,27 @@ def annotate(
     return df.drop("_marker", "_seen")
 
 
+def rename_markers(df: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
+    """An annotated table with its marker records named ``names`` (a bare-QEMU
+    capture's CPUID markers, in order) and its windows cut again, when there
+    are as many names as marker records; else ``df`` unchanged. The console
+    names only the markers that print a ``stmark:`` line: a program that
+    issues its own CPUID marker (secretmem's ``secure-va``) would otherwise
+    take the name of the next ``stmark:`` line (and move the window's stop)."""
+    is_marker = pl.col("marker").is_not_null()
+    if df.filter(is_marker).height != len(names):
+        return df
+    df = df.with_columns(is_marker.alias("_marker"),
+                         is_marker.cum_sum().cast(pl.Int64).alias("_seen"))
+    text_of = pl.Series("t", [None, *names], dtype=pl.Utf8)
+    df = df.with_columns(text_of.gather(df["_seen"]).alias("after_marker")).with_columns(
+        pl.when(pl.col("_marker")).then(pl.col("after_marker")).otherwise(None).alias("marker")
+    )
+    start = _first(names, "start")
+    stop = _first(names, "stop", after=start)
+    return df.with_columns(_window(start, stop).alias("window")).drop("_marker", "_seen")
+
+
 def _first(texts: Sequence[str], name: str, after: int | None = None) -> int | None:
     """1-based ordinal of the first marker named ``name`` (after ``after``)."""
     lo = after or 0

@@ -40,7 +40,9 @@ from ..errors import UsageError
 from ..session import ReplayOptions, console_text, console_vas, replay
 from ..shadow.engine import ShadowEngine
 from ..shadow.types import Fact
+from ..trace import format as fmt
 from ..trace.reader import TraceReader
+from .annotate import rename_markers
 from .summary import read_parquet
 
 #: Xen records that stand for one shadow fault on their VA.
@@ -95,12 +97,14 @@ METRICS: tuple[Metric, ...] = (
            "(trace_shadow_emulate); model 'emulate' + 'fast_emulate'",
            lambda t: t.outcome("emulate") + t.outcome("fast_emulate"), _kinds("emulate")),
     Metric("early_unshadows",
-           "emulated writes after which Xen dropped a page table's shadows at once: Xen "
-           "EMULATE records with the early_unshadow flag (check_for_early_unshadow's "
-           "two-write or dying-process rule) or the demote flag (the frame stopped being a "
-           "page table, e.g. sh_page_fault's rule for a write to a dying top-level table); "
-           "model counters shadow_early_unshadow + shadow_unshadow_dying",
-           lambda t: t.counter("shadow_early_unshadow") + t.counter("shadow_unshadow_dying"),
+           "emulated writes during which shadows were destroyed: Xen EMULATE records with "
+           "the demote flag (shadow_demote, run for every shadow destroyed while the write "
+           "is handled: check_for_early_unshadow's two-write or dying-process rule, "
+           "sh_page_fault's rule for a write to a dying top-level table, or a lower "
+           "shadow losing its last reference to the written entry) or the early_unshadow "
+           "flag; model emulated writes ('emulate', 'fast_emulate') during which the "
+           "engine destroyed a shadow (at the store or at its TABLE_WRITEs)",
+           lambda t: t.destroying_emulates(),
            _flag("early_unshadow", "demote", kinds=("emulate",))),
     Metric("user_write_unshadows",
            "user-mode writes to a page table, taken as 'no page table any more': Xen "
@@ -142,6 +146,10 @@ SHARED_DOC = (
 )
 
 
+#: TABLE_WRITE events one store is followed by, at most (16 bytes, 8 per entry).
+TABLE_WRITES_PER_STORE = 2
+
+
 @dataclass
 class WindowTally:
     """What the model did inside the marker window (engine hooks and facts)."""
@@ -151,8 +159,14 @@ class WindowTally:
     wrmap: int = 0
     pool_unpins: int = 0
     pages: set[int] = field(default_factory=set)
+    #: events of emulated writes, and events at which a shadow was destroyed
+    emulates: set[int] = field(default_factory=set)
+    destroys: set[int] = field(default_factory=set)
     start: dict[str, int] | None = None
     stop: dict[str, int] | None = None
+    #: event indices of the start and stop markers
+    start_event: int | None = None
+    stop_event: int | None = None
     counters: Callable[[], dict[str, int]] | None = None
 
     def fault(self, event: int, vcpu: int, va: int, write: bool, outcome: str,
@@ -162,19 +176,34 @@ class WindowTally:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.wrmap += wrmap
         self.pages.add(va >> 12)
+        if outcome in ("emulate", "fast_emulate"):
+            self.emulates.add(event)
 
     def marker(self, event: int, words: list[str]) -> None:
         name = words[0] if words else ""
         if name == "start" and self.start is None:
             self.inside = True
+            self.start_event = event
             self.start = dict(self.counters()) if self.counters else {}
         elif name == "stop" and self.inside:
             self.inside = False
+            self.stop_event = event
             self.stop = dict(self.counters()) if self.counters else {}
 
     def __call__(self, fact: Fact) -> None:
-        if self.inside and fact.kind == "unpinned" and fact.reason == "pool":
+        if not self.inside:
+            return
+        if fact.kind == "unpinned" and fact.reason == "pool":
             self.pool_unpins += 1
+        elif fact.kind == "destroyed":
+            self.destroys.add(fact.event)
+
+    def destroying_emulates(self) -> int:
+        """Emulated writes with a shadow destroyed at their store's event or at
+        one of the TABLE_WRITEs that follow it (one per 8-byte entry, so at
+        most two for a 16-byte store), where the engine validates the entry."""
+        return sum(1 for e in self.emulates
+                   if any(e + k in self.destroys for k in range(TABLE_WRITES_PER_STORE + 1)))
 
     def outcome(self, name: str) -> int:
         return self.outcomes.get(name, 0)
@@ -234,11 +263,21 @@ def _ratio(model: float, xen: float) -> float | None:
     return model / xen
 
 
-def model_answer(rep: Any, va: int) -> dict[str, Any]:
-    """The model's first leaf event of ``va`` (timeline), as compare reports it."""
+def model_answer(rep: Any, va: int, window: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The model's first leaf event of ``va`` (timeline) inside ``window``
+    (start and stop event; None: the whole trace), as compare reports it.
+
+    A leaf built before the window and still there when it opens (a warm
+    start) is ``held``: the model had nothing to build, as Xen has nothing
+    to record for a shadow it already holds."""
     tl = rep.timeline.timelines.get(va)
-    births = [e.row("L1e").birth for e in tl.episodes] if tl is not None else []
+    rows = [e.row("L1e") for e in tl.episodes] if tl is not None else []
+    lo, hi = window if window is not None else (0, 1 << 62)
+    births = [r.birth for r in rows if lo <= r.birth.event < hi]
     if not births:
+        if any(r.birth.event < lo and (r.destroyed is None or r.destroyed[0] >= lo)
+               for r in rows):
+            return {"kind": "held", "symbol": None, "event": None}
         return {"kind": "none", "symbol": None, "event": None}
     b = min(births, key=lambda b: b.event)
     kind = f"demand-{b.access}" if b.reason == "demand" and b.access else b.reason
@@ -267,7 +306,7 @@ def agree(model: dict[str, Any], xen: dict[str, Any]) -> bool:
     if model["kind"].startswith("demand-"):
         fm, fx = _function(model["symbol"]), _function(xen["symbol"])
         return bool(xen["kind"] == "fixup+new-l1e" and fm is not None and fm == fx)
-    if model["kind"] in ("prefetch", "validate", "resync"):
+    if model["kind"] in ("prefetch", "validate", "resync", "held"):
         return bool(xen["kind"] == "none")
     return False
 
@@ -303,10 +342,12 @@ def compare(
     rep = replay(opts, sinks=[tally], attach=attach)
     if tally.start is None or tally.stop is None:
         raise UsageError(f"{trace}: no start/stop marker pair: nothing to compare")
+    xen = rename_markers(xen, cpuid_markers(rep.stats.markers))
     inside = xen.filter((pl.col("window") == "inside") & pl.col("vcpu").is_not_null())
     answers = []
+    window = (tally.start_event or 0, tally.stop_event or 0)
     for i, mva in enumerate(model_vas):
-        m = model_answer(rep, mva)
+        m = model_answer(rep, mva, window)
         xva = xen_vas[i] if i < len(xen_vas) else None
         x = xen_answer(inside, xva) if xva is not None else {
             "kind": "none", "symbol": None, "record": None}
@@ -324,5 +365,25 @@ def compare(
     xs = both / len(xp) if xp else 0.0
     metrics.append({"name": SHARED, "model": round(ms, 4), "xen": round(xs, 4),
                     "ratio": _ratio(ms, xs)})
-    return {"trace": str(trace), "xen": str(table_path), "answers": answers,
-            "metrics": metrics}
+    return {"trace": str(trace), "xen": str(table_path),
+            "start": start_kind(rep.doc["trace"]["header"]), "window_events": list(window),
+            "answers": answers, "metrics": metrics}
+
+
+#: Markers the plugin writes itself (no CPUID in the guest: Xen has no record).
+PLUGIN_MARKERS: tuple[str, ...] = (fmt.MARKER_CONSOLE, fmt.MARKER_DYING)
+
+
+def cpuid_markers(markers: list[tuple[int, int, list[str]]]) -> list[str]:
+    """The texts of a replay's markers that were the guest's CPUIDs, in order."""
+    return [" ".join(words) for _, _, words in markers
+            if words and words[0] not in PLUGIN_MARKERS]
+
+
+def start_kind(header: dict[str, Any]) -> str:
+    """``warm`` for a whole-run capture (``capture --window all``): the replay
+    ran from boot, so the model opens the window with the shadows it built
+    before, as Xen does; ``cold`` for a marker-window capture: the replay
+    began at the start marker with no shadows."""
+    options = header.get("options") or {}
+    return "warm" if options.get("window") == "all" else "cold"

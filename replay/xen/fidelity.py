@@ -1,10 +1,13 @@
 """The fidelity table: every recorded scenario, the model beside the real Xen.
 
-``python -m replay.xen.fidelity XEN_ROOT [SCENARIO ...]`` compares
-``traces/NAME.trace`` with the Xen run in ``XEN_ROOT/NAME`` (the ``--out``
+``python -m replay.xen.fidelity [--traces DIR] XEN_ROOT [SCENARIO ...]``
+compares ``DIR/NAME.trace`` (default ``traces/``, the recorded marker-window
+traces: a cold start) with the Xen run in ``XEN_ROOT/NAME`` (the ``--out``
 of ``shadowtrace xen --scenario NAME``) for each scenario and prints the
-README's "Model vs real Xen" tables as Markdown (``make xen-fidelity`` runs
-Xen for every scenario first). Counting is :mod:`replay.xen.compare`'s;
+README's "Model vs real Xen" tables as Markdown. ``make xen-fidelity``
+captures each scenario from boot first (``capture --window all
+--no-untrack``: a warm start, see ``docs/compare.md``), runs Xen, and
+passes ``--traces`` those captures. Counting is :mod:`replay.xen.compare`'s;
 this module only lays the results out.
 """
 
@@ -33,12 +36,13 @@ WATCH: dict[str, str | None] = {
 }
 
 
-def run(xen_root: Path, scenarios: list[str]) -> dict[str, dict[str, Any]]:
+def run(xen_root: Path, scenarios: list[str],
+        traces: Path = TOP / "traces") -> dict[str, dict[str, Any]]:
     docs = {}
     for name in scenarios:
         if name not in WATCH:
             raise ShadowtraceError(f"no recorded scenario {name!r}; known: {', '.join(WATCH)}")
-        docs[name] = compare(TOP / "traces" / f"{name}.trace", xen_root / name,
+        docs[name] = compare(traces / f"{name}.trace", xen_root / name,
                              watch_console=WATCH[name])
     return docs
 
@@ -56,7 +60,9 @@ def markdown(docs: dict[str, dict[str, Any]]) -> str:
                 f"{'yes' if a['agree'] else '**no**'} |"
             )
     names = [m["name"] for m in next(iter(docs.values()))["metrics"]] if docs else []
-    out += ["", "| metric | " + " | ".join(docs) + " |",
+    starts = sorted({doc["start"] for doc in docs.values()})
+    out += ["", f"Model replays: {' and '.join(starts)} start.",
+            "", "| metric | " + " | ".join(docs) + " |",
             "|---|" + "---|" * len(docs)]
     for metric in names:
         cells = []
@@ -75,11 +81,13 @@ def _num(v: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replay.xen.fidelity", description=__doc__)
+    p.add_argument("--traces", type=Path, default=TOP / "traces", metavar="DIR",
+                   help="where NAME.trace is (default traces/)")
     p.add_argument("xen_root", type=Path)
     p.add_argument("scenarios", nargs="*", default=list(WATCH))
     args = p.parse_args(argv)
     try:
-        print(markdown(run(args.xen_root, args.scenarios)))
+        print(markdown(run(args.xen_root, args.scenarios, args.traces)))
     except ShadowtraceError as err:
         print(f"fidelity: {err}", file=sys.stderr)
         return 1
