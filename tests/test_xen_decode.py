@@ -281,3 +281,31 @@ def test_rename_markers_names_the_records_and_cuts_the_window_again() -> None:
     # a list of another length (3 names for 4 records) leaves the table as it is
     same = rename_markers(df, ["a", "start", "stop"])
     assert same["window"].to_list() == df["window"].to_list()
+
+
+def test_xen_answer_skips_the_faults_xen_passed_to_the_guest() -> None:
+    """secretmem's page under Xen: the guest's own demand fault on the first
+    write (``not_shadow``: Xen passes it on, the shadows unchanged), then the
+    retry's ``fixup`` building the L1 entry. The answer is the fixup, with
+    the guest fault counted; a record on another page does not count."""
+    import polars as pl
+
+    from replay.xen.compare import xen_answer
+
+    va = 0x7F9C_2E21_7000
+    inside = pl.DataFrame({
+        "record": [10, 11, 12, 13],
+        "kind": ["fixup", "not_shadow", "fixup", "fixup"],
+        "va": [0x40_0000, va + 0x18, va + 0x18, va + 0x20],
+        "flag_names": ["l1_get_ref", None, "l1_get_ref|unsync", "l1_get_ref"],
+        "symbol": ["other", "0x4015fb", "0x4015fb", "0x401600"],
+    })
+    got = xen_answer(inside, va)
+    # record 12: the first one on the page that is not a guest fault; one
+    # guest fault (record 11) before it
+    assert got == {"kind": "fixup+new-l1e", "symbol": "0x4015fb", "record": 12,
+                   "guest_faults_before": 1}
+    # only guest faults on the page: the first of them is the answer
+    only = inside.filter(pl.col("record") <= 11)
+    assert xen_answer(only, va) == {"kind": "not_shadow", "symbol": "0x4015fb",
+                                    "record": 11, "guest_faults_before": 0}

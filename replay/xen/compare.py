@@ -15,7 +15,9 @@ Answers
     first shadow record whose VA is on the page (``fixup``,
     ``not_shadow``, ``emulate`` ...; ``fixup+new-l1e`` when the record has
     the ``l1_get_ref`` flag, i.e. Xen built a new shadow L1 entry), with the
-    symbol of the faulting instruction, or ``none``. They **agree** when the
+    symbol of the faulting instruction, or ``none``; faults Xen passed to
+    the guest (``not_shadow``) before it are skipped and counted (the
+    bare-QEMU trace cannot hold them: :func:`xen_answer`). They **agree** when the
     model's demand fault meets Xen's ``fixup+new-l1e`` in the same function,
     or when the model built the leaf without a fault (prefetch, validation,
     resync) and Xen has no record for the page.
@@ -286,19 +288,29 @@ def model_answer(rep: Any, va: int, window: tuple[int, int] | None = None) -> di
 
 
 def xen_answer(inside: pl.DataFrame, va: int) -> dict[str, Any]:
-    """Xen's first shadow record on the page of ``va`` inside the window."""
+    """Xen's first shadow record on the page of ``va`` inside the window
+    that did something to the shadows: ``not_shadow`` records before it
+    (faults Xen passed to the guest, leaving the shadows as they were:
+    sh_page_fault's not-a-shadow-fault exit) are skipped and counted in
+    ``guest_faults_before``; a bare-QEMU trace never holds those accesses
+    (a QEMU plugin sees only accesses that complete), only their retry."""
     page = va >> 12
     rows = inside.filter(
         pl.col("kind").is_in(FAULT_KINDS) & pl.col("va").is_not_null()
         & ((pl.col("va") // 4096) == page)
     )
     if rows.height == 0:
-        return {"kind": "none", "symbol": None, "record": None}
-    r = rows.row(0, named=True)
+        return {"kind": "none", "symbol": None, "record": None, "guest_faults_before": 0}
+    kinds = rows["kind"].to_list()
+    skipped = next((i for i, k in enumerate(kinds) if k != "not_shadow"), None)
+    if skipped is None:  # only guest faults: report the first
+        skipped = 0
+    r = rows.row(skipped, named=True)
     kind = r["kind"]
     if kind == "fixup" and "l1_get_ref" in (r["flag_names"] or "").split("|"):
         kind = "fixup+new-l1e"
-    return {"kind": kind, "symbol": r["symbol"], "record": r["record"]}
+    return {"kind": kind, "symbol": r["symbol"], "record": r["record"],
+            "guest_faults_before": skipped}
 
 
 def agree(model: dict[str, Any], xen: dict[str, Any]) -> bool:
@@ -350,7 +362,7 @@ def compare(
         m = model_answer(rep, mva, window)
         xva = xen_vas[i] if i < len(xen_vas) else None
         x = xen_answer(inside, xva) if xva is not None else {
-            "kind": "none", "symbol": None, "record": None}
+            "kind": "none", "symbol": None, "record": None, "guest_faults_before": 0}
         answers.append({
             "va_model": f"{mva:#x}", "va_xen": None if xva is None else f"{xva:#x}",
             "model": m, "xen": x, "agree": agree(m, x),

@@ -56,7 +56,7 @@ def markdown(docs: dict[str, dict[str, Any]]) -> str:
             m, x = a["model"], a["xen"]
             out.append(
                 f"| {name} | `{a['va_model']}` / `{a['va_xen']}` | {m['kind']} "
-                f"`{m['symbol'] or '-'}` | {x['kind']} `{x['symbol'] or '-'}` | "
+                f"`{m['symbol'] or '-'}` | {x['kind']} `{x['symbol'] or '-'}`{_after(x)} | "
                 f"{'yes' if a['agree'] else '**no**'} |"
             )
     names = [m["name"] for m in next(iter(docs.values()))["metrics"]] if docs else []
@@ -96,3 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _after(xen: dict[str, Any]) -> str:
+    """The guest faults Xen passed on before its answer record, if any."""
+    n = int(xen.get("guest_faults_before") or 0)
+    return "" if not n else f" (after {n} guest fault{'s' if n > 1 else ''})"
