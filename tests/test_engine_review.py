@@ -279,3 +279,34 @@ def test_third_writable_mapping_of_an_oos_page_evicts_the_oldest() -> None:
     faults = d.c["shadow_fault"]
     d.write(alias_b)  # the newest two stay writable
     assert d.c["shadow_fault"] == faults
+
+
+def test_resync_takes_write_access_through_the_fixup_table_first() -> None:
+    # oos_remove_write_access (common.c): oos_fixup_flush_gmfn clears the
+    # writable mappings the fixup table holds, then sh_remove_write_access
+    # finds no writable mapping left and returns before counting
+    # (perfc shadow_writeable) or flagging the fault (TRCE_SFLAG_WRMAP).
+    t = GuestTables()
+    root = t.new()
+    _, _, l1 = t.map(root, U, 0x1000, PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D)
+    alias = dm(0x1F0)
+    for va in (dm(l1), alias):
+        t.map(root, va, l1, KDATA)
+    d = Driver()
+    d.load(t)
+    d.cr3(root)
+    d.read(U, user=True)  # l1 shadowed
+    d.write(dm(l1))  # unsynced; fixup 1
+    d.write(alias)  # fixup 2: every writable mapping of l1 is in the table
+    assert d.e.is_out_of_sync(l1)
+    writeable = d.c["shadow_writeable"]
+    d.cr3(root)  # sh_update_cr3 resyncs the vCPU's out-of-sync pages
+    assert not d.e.is_out_of_sync(l1)
+    # both mappings went through the fixup flush: none left for
+    # sh_remove_write_access to count
+    assert d.c["shadow_writeable"] == writeable
+    # ... and both are read-only again: each next write faults
+    for va in (dm(l1), alias):
+        faults = d.c["shadow_fault"]
+        d.write(va)
+        assert d.c["shadow_fault"] == faults + 1

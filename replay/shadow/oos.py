@@ -86,6 +86,18 @@ class OutOfSync(EngineState):
                     self._set_l1e(sh, oi, e & ~SH_RW, -1, "oos-fixup")
         fix.append((key, i))
 
+    def _oos_fixup_flush(self, frame: int, fixups: list[tuple[Key, int]]) -> None:
+        """oos_fixup_flush_gmfn: each recorded writable mapping that still
+        maps ``frame`` writable becomes read-only (sh_rm_write_access_from_sl1p,
+        not counted by sh_remove_write_access)."""
+        for key, i in fixups:
+            sh = self.shadows.get(key)
+            if sh is None:
+                continue
+            e = sh.entries[i]
+            if e & (SH_P | SH_RW) == SH_P | SH_RW and (e & SH_ADDR) >> PAGE_SHIFT == frame:
+                self._set_l1e(sh, i, e & ~SH_RW, -1, "oos-fixup")
+
     def _oos_forget(self, frame: int) -> None:
         where = self.oos_where.pop(frame, None)
         self.oos_may_write.discard(frame)
@@ -108,11 +120,18 @@ class OutOfSync(EngineState):
             return
         v = self.vcpus[where[0]]
         snap = v.oos_snap[where[1]]
+        fixups = self.oos_fixups.get(frame, [])
         self._oos_forget(frame)
         if self.rw_maps.get(frame):
             # oos_remove_write_access -> sh_rm_write_access_from_sl1p sets the
             # current vCPU's pagetable_dying from the frame's (an L1: false).
             self._v(self._vcpu).pagetable_dying = frame in self.dying_frames
+        # oos_remove_write_access: oos_fixup_flush_gmfn takes write access
+        # away through the fixup table first; sh_remove_write_access then
+        # finds what is left (nothing, when the fixups held every writable
+        # mapping: it returns early and Xen's fault record has no WRMAP flag
+        # and shadow_writeable is not counted)
+        self._oos_fixup_flush(frame, fixups)
         self._remove_write_access(frame)
         self._resync_l1(frame, snap)  # as _sh_resync calls sh_resync_l1
         self.counters["shadow_resync"] += 1
