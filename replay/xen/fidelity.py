@@ -47,6 +47,12 @@ def run(xen_root: Path, scenarios: list[str],
     return docs
 
 
+
+def _after(xen: dict[str, Any]) -> str:
+    """The guest faults Xen passed on before its answer record, if any."""
+    n = int(xen.get("guest_faults_before") or 0)
+    return "" if not n else f" (after {n} guest fault{'s' if n > 1 else ''})"
+
 def markdown(docs: dict[str, dict[str, Any]]) -> str:
     out = ["| scenario | VA (model / Xen) | model | Xen | agree |", "|---|---|---|---|---|"]
     for name, doc in docs.items():
@@ -96,9 +102,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _after(xen: dict[str, Any]) -> str:
-    """The guest faults Xen passed on before its answer record, if any."""
-    n = int(xen.get("guest_faults_before") or 0)
-    return "" if not n else f" (after {n} guest fault{'s' if n > 1 else ''})"
