@@ -309,3 +309,19 @@ def test_xen_answer_skips_the_faults_xen_passed_to_the_guest() -> None:
     only = inside.filter(pl.col("record") <= 11)
     assert xen_answer(only, va) == {"kind": "not_shadow", "symbol": "0x4015fb",
                                     "record": 11, "guest_faults_before": 0}
+
+
+def test_fidelity_table_names_the_guest_faults_before_xens_answer() -> None:
+    from replay.xen.fidelity import markdown
+
+    answer = {"va_model": "0x1000", "va_xen": "0x2000", "agree": True,
+              "model": {"kind": "demand-write", "symbol": "0x4015fb", "event": 5},
+              "xen": {"kind": "fixup+new-l1e", "symbol": "0x4015fb", "record": 12,
+                      "guest_faults_before": 1}}
+    doc = {"answers": [answer], "start": "warm",
+           "metrics": [{"name": "faults_fixed", "model": 3, "xen": 2}]}
+    lines = markdown({"secretmem": doc}).splitlines()
+    # one answer row, its Xen cell naming the skipped guest fault
+    assert lines[2] == ("| secretmem | `0x1000` / `0x2000` | demand-write `0x4015fb` | "
+                        "fixup+new-l1e `0x4015fb` (after 1 guest fault) | yes |")
+    assert "| `faults_fixed` | 3 / 2 |" in lines
