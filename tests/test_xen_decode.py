@@ -325,3 +325,21 @@ def test_fidelity_table_names_the_guest_faults_before_xens_answer() -> None:
     assert lines[2] == ("| secretmem | `0x1000` / `0x2000` | demand-write `0x4015fb` | "
                         "fixup+new-l1e `0x4015fb` (after 1 guest fault) | yes |")
     assert "| `faults_fixed` | 3 / 2 |" in lines
+
+
+def test_unnamed_pcs_agree_only_at_the_same_address() -> None:
+    from replay.xen.compare import agree
+
+    model = {"kind": "demand-write", "symbol": "0x4015fb", "event": 5}
+
+    def xen(symbol: str) -> dict[str, object]:
+        return {"kind": "fixup+new-l1e", "symbol": symbol, "record": 12,
+                "guest_faults_before": 1}
+
+    # secretmem's program (static, linked at 0x400000): the same instruction
+    assert agree(model, xen("0x4015fb"))
+    assert not agree(model, xen("0x401600"))  # another instruction
+    # named PCs: the same function is enough (the offsets may differ)
+    named = {**model, "symbol": "clear_page_erms+0x7"}
+    assert agree(named, xen("clear_page_erms+0xa"))
+    assert not agree(named, xen("copy_page+0x7"))

@@ -15,7 +15,8 @@ Answers
     first shadow record whose VA is on the page (``fixup``,
     ``not_shadow``, ``emulate`` ...; ``fixup+new-l1e`` when the record has
     the ``l1_get_ref`` flag, i.e. Xen built a new shadow L1 entry), with the
-    symbol of the faulting instruction, or ``none``; faults Xen passed to
+    symbol of the faulting instruction (an unnamed PC, a user program's,
+    must be the same address), or ``none``; faults Xen passed to
     the guest (``not_shadow``) before it are skipped and counted (the
     bare-QEMU trace cannot hold them: :func:`xen_answer`). They **agree** when the
     model's demand fault meets Xen's ``fixup+new-l1e`` in the same function,
@@ -317,7 +318,11 @@ def agree(model: dict[str, Any], xen: dict[str, Any]) -> bool:
     """The rule of the module docstring."""
     if model["kind"].startswith("demand-"):
         fm, fx = _function(model["symbol"]), _function(xen["symbol"])
-        return bool(xen["kind"] == "fixup+new-l1e" and fm is not None and fm == fx)
+        # an unnamed PC (a user program's: linked at a fixed address, the
+        # same on both sides) must be the same instruction
+        same = (fm == fx if fm is not None
+                else model["symbol"] is not None and model["symbol"] == xen["symbol"])
+        return bool(xen["kind"] == "fixup+new-l1e" and same)
     if model["kind"] in ("prefetch", "validate", "resync", "held"):
         return bool(xen["kind"] == "none")
     return False
