@@ -343,3 +343,21 @@ def test_unnamed_pcs_agree_only_at_the_same_address() -> None:
     named = {**model, "symbol": "clear_page_erms+0x7"}
     assert agree(named, xen("clear_page_erms+0xa"))
     assert not agree(named, xen("copy_page+0x7"))
+
+
+def test_flag_metrics_leave_out_the_stale_flags_of_guest_faults() -> None:
+    """A not_shadow record of a failed guest walk repeats the flags of the
+    fault before it (sh_page_fault clears them only after a successful
+    walk): the flag metrics count fixup and emulate records only."""
+    import polars as pl
+
+    from replay.xen.compare import METRICS
+
+    inside = pl.DataFrame({
+        "kind": ["fixup", "not_shadow", "fixup", "emulate"],
+        "flag_names": ["promote|wrmap", "promote|wrmap", "unsync", "wrmap"],
+    })
+    by = {m.name: m for m in METRICS}
+    # the first fixup and the emulate: 2 (the not_shadow copy is not one)
+    assert by["write_access_removals"].xen(inside) == 2
+    assert by["unsyncs"].xen(inside) == 1  # the second fixup

@@ -54,8 +54,14 @@ FAULT_KINDS: tuple[str, ...] = (
     "false_fast_path", "emulate_unshadow_user", "emulate_unshadow_evtinj",
     "emulate_unshadow_unhandled",
 )
-#: Xen records that carry TRCE_SFLAG path flags.
-FLAGGED_KINDS: tuple[str, ...] = ("fixup", "not_shadow", "emulate")
+#: Xen records whose TRCE_SFLAG path flags tell what their own fault did.
+#: Not ``not_shadow``: sh_page_fault clears the per-CPU flags
+#: (TRACE_CLEAR_PATH_FLAGS) only once the guest walk succeeded, and a
+#: failed walk jumps to ``propagate`` and records trace_not_shadow_fault
+#: with the flags this CPU's previous fault left (the seed run: 84 of the
+#: window's 86 not_shadow records repeat the flags of the fault record
+#: before them on their vCPU; fork: 235 of 242).
+FLAGGED_KINDS: tuple[str, ...] = ("fixup", "emulate")
 
 
 @dataclass(frozen=True)
@@ -118,12 +124,12 @@ METRICS: tuple[Metric, ...] = (
            "TRC_SHADOW_RESYNC_FULL (_sh_resync); model counter shadow_resync",
            lambda t: t.counter("shadow_resync"), _kinds("resync_full")),
     Metric("unsyncs",
-           "L1s let out of sync: Xen fault records with the unsync flag (sh_unsync); model "
+           "L1s let out of sync: Xen fixup/emulate records with the unsync flag (sh_unsync); model "
            "counter shadow_unsync",
            lambda t: t.counter("shadow_unsync"), _flag("unsync")),
     Metric("write_access_removals",
            "faults whose handling had to remove writable mappings of a new page table: Xen "
-           "fault records with the wrmap flag (sh_remove_write_access); model faults that "
+           "fixup/emulate records with the wrmap flag (sh_remove_write_access); model faults that "
            "made a writable shadow entry read-only",
            lambda t: t.wrmap, _flag("wrmap")),
     Metric("pool_reclaims",
