@@ -118,8 +118,13 @@ demo: setup
 	$(ST) replay out/seed.trace --watch-console \
 	    --secure 'console:The address allocated is ([0-9a-f]+)'
 
+# The suite on up to 4 workers (pytest-xdist): QEMU boots are one host CPU
+# each, and tests of one costly fixture share a worker (tests/conftest.py,
+# SHARED_WORKER), so each boot still happens once. TEST_JOBS=1 to run it in
+# one worker; `pytest -m 'not e2e'` is the quick loop.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
 test: setup lint plugin-test xen
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder
 
 lint: python
 	$(VENV)/bin/ruff check replay qmp_tools tests

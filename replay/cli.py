@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--address", metavar="SCHEDULER",
                      help="a running Dask scheduler (tcp://HOST:PORT); default: a local "
                      "cluster of worker processes, closed at the end")
+    swp.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="how long to wait for the --address scheduler (default 5)")
     swp.add_argument("--workers", type=int, metavar="N",
                      help="local worker processes (default: cores or replays, the fewer)")
     swp.add_argument("--plot", metavar="KEY1,KEY2:MEASURE",
@@ -391,6 +393,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ArgumentError(f"--workers {args.workers}: must be at least 1")
     if args.address is not None and args.workers is not None:
         raise ArgumentError("--workers is for the local cluster, not with --address")
+    if not args.connect_timeout > 0:
+        raise ArgumentError(f"--connect-timeout {args.connect_timeout}: must be above 0")
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -399,7 +403,8 @@ def _sweep(args: argparse.Namespace) -> int:
     todo = tasks(traces, grid, _options(args))
     start = time.monotonic()
     with sweep_progress(len(todo)) as done:
-        rows = run(todo, address=args.address, workers=args.workers, on_done=done)
+        rows = run(todo, address=args.address, workers=args.workers, on_done=done,
+                   connect_timeout=args.connect_timeout)
     df = frame(rows)
     write(df, args.out)
     print_summary(df, grid.keys)

@@ -12,6 +12,12 @@ name=${1:?scenario}; kver=${2:?kernel version}; build=${3:?build dir}
 top=$(cd "$(dirname "$0")/.." && pwd)
 src=${4:-$top/scenarios/$name}
 [ -f "$src/steps.sh" ] || { echo "build-scenario: no scenario '$name' (missing $src/steps.sh)" >&2; exit 1; }
+# One build of NAME at a time on this machine (two checkouts, or two test
+# workers, may build it at once; the module is built at a fixed path below):
+# the lock is held until the script exits.
+mkdir -p /var/tmp/shadowtrace-kbuild
+exec 9>"/var/tmp/shadowtrace-kbuild/.$name.lock"
+flock 9
 work=$build/scenarios/$name
 root=$work/root
 rm -rf "$work" && mkdir -p "$work/src" "$root"/{bin,proc,sys,dev,scenario}

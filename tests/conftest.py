@@ -36,6 +36,41 @@ QEMU_FIXTURES = ("captures", "seed_again", "xen_seed_run", "xen_smp_run", "modul
                  "warm_seed")
 
 
+#: Session fixtures that share a worker under ``pytest -n`` (``make test``):
+#: a test of one of them runs where the others do, so each boot (and each
+#: replay of a recorded trace, ``goldens``) happens once. warm_seed and
+#: xen_seed_run go together: the warm-start comparison needs both.
+SHARED_WORKER = {"captures": "seed-captures", "seed_again": "seed-captures",
+                 "xen_seed_run": "xen-seed", "warm_seed": "xen-seed",
+                 "xen_smp_run": "xen-smp", "goldens": "goldens"}
+
+
+#: The groups that take longest (measured with ``--durations``: the Xen seed
+#: run and the warm-start capture about 100 s together, the two seed captures
+#: and the seed recapture about 45 s, the replays of the recorded traces and
+#: the tests that read them about 40 s, the 2-vCPU Xen run about 55 s), in
+#: the order handed out: the two Xen groups not at once (each Xen run is a
+#: multi-threaded QEMU; two at once on two CPUs slow both).
+FIRST = ("xen-seed", "seed-captures", "goldens", "xen-smp")
+
+
+def _worker_group(item: pytest.Item) -> str | None:
+    """The pytest-xdist group of ``item`` (``--dist loadgroup``): the group of
+    the costly session fixture it uses, else its file's when it uses a
+    module-scoped fixture (made once per worker, so once per file this way),
+    else none (any worker)."""
+    names = getattr(item, "fixturenames", ())
+    for fixture in names:
+        if fixture in SHARED_WORKER:
+            return SHARED_WORKER[fixture]
+    info = getattr(item, "_fixtureinfo", None)
+    defs = getattr(info, "name2fixturedefs", {}) if info is not None else {}
+    if any(d[-1].scope == "module" for d in defs.values() if d):
+        return item.nodeid.split("::", 1)[0]
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         boots = [f for f in QEMU_FIXTURES if f in getattr(item, "fixturenames", ())]
@@ -43,6 +78,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(
                 f"{item.nodeid} boots QEMU (fixture {boots[0]}) but is not marked e2e"
             )
+        group = _worker_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Longest work first (make test passes --no-loadscope-reorder, so the
+        # scheduler hands groups out in this order): the FIRST groups, then
+        # the other tests that boot QEMU, then the rest; otherwise as
+        # collected. Every worker sorts alike, as pytest-xdist requires.
+        def rank(item: pytest.Item) -> int:
+            group = _worker_group(item)
+            if group in FIRST:
+                return FIRST.index(group)
+            return len(FIRST) + (item.get_closest_marker("e2e") is None)
+        items.sort(key=rank)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has named the groups
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` a grouped test's id ends in ``@GROUP`` (what
+    the scheduler reads); if it does not, the groups are ignored and every
+    worker would boot each shared fixture again: say so and stop."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist did not group {item.nodeid} (pytest and pytest-xdist "
+                "versions do not fit: see the pytest pin in pyproject.toml)")
 
 
 @dataclass

@@ -172,7 +172,7 @@ def test_guest_hang_times_out(tmp_path: Path) -> None:
     # The timeout counts from QEMU's start: the guest need not have reached
     # its endless loop for the timeout to be what ends it (a short one keeps
     # the test from waiting out a long one).
-    w = run_watched("capture", "--scenario", "hang", "--out", str(out), "--timeout", "8")
+    w = run_watched("capture", "--scenario", "hang", "--out", str(out), "--timeout", "3")
     proc = w.proc
     assert proc.returncode == 1
     assert "guest hang" in _one_line(proc.stderr)

@@ -230,12 +230,16 @@ def test_bad_plot_and_missing_trace(tmp_path: Path) -> None:
 def test_unreachable_scheduler(tmp_path: Path) -> None:
     start = time.monotonic()
     proc = run_cli("sweep", str(TRACE), "--set", "out_of_sync=true", "--out",
-                   str(tmp_path / "x.parquet"), "--address", "tcp://127.0.0.1:1", timeout=60)
+                   str(tmp_path / "x.parquet"), "--address", "tcp://127.0.0.1:1",
+                   "--connect-timeout", "1", timeout=60)
     took = time.monotonic() - start
     assert proc.returncode == 1
     assert "cannot reach the scheduler" in one_line(proc.stderr)
-    # replay.sweep.run.CONNECT_TIMEOUT is 5 s; the rest is Python starting up
-    assert took < 20, took
+    # --connect-timeout 1 (the default is 5 s); the rest is Python starting up
+    assert took < 15, took
+    bad = run_cli("sweep", str(TRACE), "--set", "out_of_sync=true", "--out",
+                  str(tmp_path / "x.parquet"), "--connect-timeout", "0")
+    assert bad.returncode == 2 and "--connect-timeout 0" in one_line(bad.stderr)
 
 
 def _children(pid: int) -> list[int]:

@@ -27,7 +27,8 @@ from ..errors import ShadowtraceError, UsageError
 from ..session import ReplayOptions
 from .grid import Grid, describe
 
-#: Seconds to wait for a scheduler given with ``--address``.
+#: Seconds to wait for a scheduler given with ``--address`` (the default of
+#: ``--connect-timeout``).
 CONNECT_TIMEOUT = 5.0
 
 
@@ -92,16 +93,18 @@ def run_task(task: Task) -> dict[str, Any]:
 def run(
     todo: Sequence[Task], *, address: str | None = None, workers: int | None = None,
     on_done: Callable[[int, Task, float], None] = lambda n, t, s: None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> list[dict[str, Any]]:
     """Run every task; the rows in task order. ``on_done(n_done, task, wall_s)``
-    is called as each one finishes."""
+    is called as each one finishes; ``connect_timeout``: seconds to wait for
+    the scheduler at ``address``."""
     from distributed import as_completed
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
     rows: list[dict[str, Any] | None] = [None] * len(todo)
     n = workers or max(1, min(_cores(), len(todo)))
-    with _client(address, n) as client:
+    with _client(address, n, connect_timeout) as client:
         futures = {client.submit(run_task, t, key=f"sweep-{t.index}-{os.getpid()}",
                                  pure=False): t for t in todo}
         try:
@@ -124,14 +127,14 @@ def run(
 
 
 @contextlib.contextmanager
-def _client(address: str | None, workers: int) -> Iterator[Any]:
+def _client(address: str | None, workers: int, timeout: float) -> Iterator[Any]:
     """A Dask client: of the scheduler at ``address``, else of a LocalCluster
     started here and closed on the way out (whatever happens in between)."""
     from distributed import Client, LocalCluster
 
     if address is not None:
         try:
-            client = Client(address, timeout=CONNECT_TIMEOUT)
+            client = Client(address, timeout=timeout)
         except (OSError, TimeoutError, ValueError) as err:
             raise UsageError(f"--address {address}: cannot reach the scheduler: {err}") from None
         try:
