@@ -1262,6 +1262,12 @@ static int parse_options(int argc, char **argv)
             hdr_kernel = val;
         } else if (!strcmp(key, "qemu")) {
             hdr_qemu = val;
+        } else if (!strcmp(key, "tcg")) {
+            /* How QEMU runs the vCPUs (-accel tcg,thread=): only recorded
+             * in the header; the lock is decided by the vCPU count. */
+            if (strcmp(val, "single") && strcmp(val, "multi")) {
+                return fail("bad tcg '%s' (single or multi)", val);
+            }
         } else if (!strcmp(key, "vcpus")) {
             uint64_t nv;
             if (!parse_u64(val, &nv) || nv == 0 || nv > 256) {

@@ -112,6 +112,7 @@ def capture(opts: CaptureOptions, progress: Progress | None = None) -> CaptureRe
         console_log=console_log,
         append=scenario_append(opts.scenario) if opts.append is None else opts.append,
     )
+    plugin_options["tcg"] = config.tcg_thread  # in the header: how the vCPUs ran
     start = time.monotonic()
     result = GuestRun(config, progress).run()
     duration = time.monotonic() - start

@@ -76,6 +76,14 @@ class MachineConfig:
     #: Extra kernel command-line words.
     append: str = ""
 
+    @property
+    def tcg_thread(self) -> str:
+        """QEMU's TCG threading: one host thread per vCPU (``multi``) when
+        there are several vCPUs and the run need not be repeatable; a
+        deterministic run (icount) needs the one round-robin thread. On a
+        2-vCPU whole boot of seed MTTCG took 37-40 s against 47-48 s."""
+        return "multi" if self.smp > 1 and not self.deterministic else "single"
+
 
 @dataclass
 class RunResult:
@@ -124,7 +132,7 @@ class GuestRun:
             append += " " + c.append
         argv = [
             QEMU,
-            "-accel", "tcg,thread=single",
+            "-accel", f"tcg,thread={c.tcg_thread}",
             "-cpu", cpu,
             "-smp", str(c.smp),
             "-m", ram,

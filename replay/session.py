@@ -251,7 +251,8 @@ def replay(
     )
     if truth is not None:
         from .analysis.truth import check_truth
-        doc["truth"] = [c.to_dict() for c in check_truth(engine.guest, truth)]
+        doc["truth"] = [c.to_dict() for c in check_truth(
+            engine.guest, truth, [v.cr3 for v in engine.vcpus])]
     if opts.json is not None:
         results.write_json(opts.json, doc)
     if opts.parquet is not None:

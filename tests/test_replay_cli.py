@@ -239,6 +239,26 @@ def test_truth_walks_the_rebuilt_tables_for_every_page_qemu_maps(tmp_path: Path)
     assert truth["differ"] == 2
     assert {s["va"] for s in truth["samples"]} >= {"0x4a7000"}
     assert truth["agree"] == truth["pages"] - 2
+    # the pause came under the root the trace last loaded (the shell's)
+    assert truth["trace_cr3"] == truth["cr3"]
+    assert "switched address space" not in proc.stdout
+
+
+def test_truth_says_when_the_guest_switched_before_the_pause(tmp_path: Path) -> None:
+    """smp-fork: vCPU 0 ends the trace in one process (CR3 0x4900000) and
+    was in another at the pause (0x2a10000, a root the trace had loaded
+    before); the report says so, and that root's pages still all agree."""
+    from .replays import TRACES
+
+    out = tmp_path / "r.json"
+    proc = run_cli("replay", str(TRACES / "smp-fork.trace"), "--truth", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    v0, v1 = json.loads(out.read_text())["truth"]
+    assert (v0["cr3"], v0["trace_cr3"]) == ("0x2a10000", "0x4900000")
+    assert v0["differ"] == 0 and v0["unknown"] == 0
+    assert "the trace ends with CR3 0x4900000 on vCPU 0" in proc.stdout
+    assert v1["trace_cr3"] == v1["cr3"]  # vCPU 1 paused in its last process
+    assert "on vCPU 1:" not in proc.stdout
 
 
 def test_truth_without_its_file_is_one_line(tmp_path: Path) -> None:

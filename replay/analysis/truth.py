@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,17 @@ class TruthCheck:
     unknown: int = 0
     #: (va, QEMU's pa, the model's pa or None) of some that differ.
     samples: list[tuple[int, int, int | None]] = field(default_factory=list)
+    #: The vCPU's CR3 at the trace's end (None: not given or never loaded).
+    #: Another value than ``cr3`` means the guest switched address space
+    #: between the window's end and the pause: the pages of a root built
+    #: after the trace ended cannot agree.
+    trace_cr3: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "vcpu": self.vcpu, "cr3": f"{self.cr3:#x}", "pages": self.pages,
+            "vcpu": self.vcpu, "cr3": f"{self.cr3:#x}",
+            "trace_cr3": None if self.trace_cr3 is None else f"{self.trace_cr3:#x}",
+            "pages": self.pages,
             "agree": self.agree, "differ": self.differ, "unknown": self.unknown,
             "samples": [{"va": f"{va:#x}", "qemu": f"{pa:#x}",
                          "model": None if m is None else f"{m:#x}"}
@@ -84,11 +92,15 @@ def read_truth(path: Path) -> dict[str, Any]:
     return truth
 
 
-def check_truth(guest: GuestMemory, truth: dict[str, Any]) -> list[TruthCheck]:
-    """Each vCPU's ``info tlb`` pages walked in the model's tables."""
+def check_truth(guest: GuestMemory, truth: dict[str, Any],
+                trace_cr3: Sequence[int | None] = ()) -> list[TruthCheck]:
+    """Each vCPU's ``info tlb`` pages walked in the model's tables;
+    ``trace_cr3[v]``: vCPU v's CR3 at the end of the trace, if known."""
     checks = []
     for vcpu, (cr3, tlb) in enumerate(zip(truth["cr3"], truth["tlb"], strict=True)):
-        check = TruthCheck(vcpu, int(cr3) & CR3_ADDR_MASK)
+        last = trace_cr3[vcpu] if vcpu < len(trace_cr3) else None
+        check = TruthCheck(vcpu, int(cr3) & CR3_ADDR_MASK,
+                           trace_cr3=None if last is None else last & CR3_ADDR_MASK)
         for m in _LINE.finditer(str(tlb)):
             va, pa = int(m.group(1), 16), int(m.group(2), 16)
             check.pages += 1

@@ -301,6 +301,9 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
         out.print(f"ground truth, vCPU {t['vcpu']} (QEMU's info tlb under CR3 {t['cr3']}): "
                   f"{t['pages']:,} pages, {t['agree']:,} mapped alike by the rebuilt tables, "
                   f"{t['differ']:,} differ, {t['unknown']:,} unknown")
+        if t.get("trace_cr3") not in (None, t["cr3"]):
+            out.print(f"  (the trace ends with CR3 {t['trace_cr3']} on vCPU {t['vcpu']}: the "
+                      "guest switched address space before the pause)")
     for tl in doc["timelines"] or []:
         _print_timeline(tl)
     findings = doc["findings"]
