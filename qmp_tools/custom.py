@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SetupError
-from .paths import TOP, BuildPaths
+from .paths import TOP, BuildPaths, folder_vcpus
 
 #: Scenario names of outside scenarios start with this.
 PREFIX = "user-"
@@ -47,6 +47,8 @@ class Custom:
 
     scenario: str
     append: str
+    #: vCPUs it runs on (a folder's ``vcpus`` file; 1 for modules).
+    vcpus: int = 1
 
 
 def from_modules(modules: list[Path], steps: Path | None = None, append: str = "",
@@ -104,10 +106,11 @@ def from_folder(folder: Path, append: str = "", paths: BuildPaths | None = None)
     if not _NAME.fullmatch(base):
         raise SetupError(f"--scenario {folder}: the folder's name {base!r} is no scenario name")
     name = PREFIX + base
+    vcpus = folder_vcpus(folder)  # a bad file is an error before the build
     sources = {p.name: p for p in folder.glob("*.c")}
     _build(name, folder.resolve(), paths, sources)
     words = (folder / "append").read_text() if (folder / "append").is_file() else ""
-    return Custom(name, " ".join((words + " " + append).split()))
+    return Custom(name, " ".join((words + " " + append).split()), vcpus)
 
 
 def _build(name: str, source: Path, paths: BuildPaths, sources: dict[str, Path]) -> None:

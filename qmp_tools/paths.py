@@ -9,13 +9,15 @@ and the scenario folders.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from replay.paths import TOP
 from replay.paths import BuildPaths as _Layout
 
 from .errors import SetupError
 
-__all__ = ["TOP", "BuildPaths", "available_scenarios", "scenario_append", "scenario_vcpus"]
+__all__ = ["TOP", "BuildPaths", "available_scenarios", "folder_vcpus", "scenario_append",
+           "scenario_vcpus"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,13 @@ def scenario_append(scenario: str) -> str:
 def scenario_vcpus(scenario: str) -> int:
     """vCPUs a scenario runs on (its ``vcpus`` file: one number; 1 without it),
     for the capture and the Xen run alike."""
-    path = TOP / "scenarios" / scenario / "vcpus"
+    return folder_vcpus(TOP / "scenarios" / scenario)
+
+
+def folder_vcpus(folder: Path) -> int:
+    """vCPUs of the scenario in ``folder`` (its ``vcpus`` file; 1 without
+    one): a repository scenario's or a user's own (``--scenario DIR``)."""
+    path = folder / "vcpus"
     if not path.is_file():
         return 1
     text = path.read_text().strip()

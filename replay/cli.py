@@ -173,10 +173,11 @@ def _capture(args: argparse.Namespace) -> int:
 
     from .report.console import print_capture_summary, progress_printer
 
-    scenario, append, default_dir = _capture_scenario(args)
+    scenario, append, default_dir, vcpus = _capture_scenario(args)
     out = args.out or Path(default_dir) / f"{scenario}.trace"
     opts = CaptureOptions(
-        scenario=scenario, out=out, dedup=args.dedup == "on", smp=args.smp,
+        scenario=scenario, out=out, dedup=args.dedup == "on",
+        smp=args.smp if args.smp is not None else vcpus,
         window=args.window, deterministic=args.deterministic, timeout=args.timeout,
         append=append, untrack=not args.no_untrack,
     )
@@ -193,9 +194,10 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _capture_scenario(args: argparse.Namespace) -> tuple[str, str | None, str]:
+def _capture_scenario(args: argparse.Namespace) -> tuple[str, str | None, str, int | None]:
     """capture's scenario: (name, kernel words or None for a repository
-    scenario, default folder of the trace); builds outside ones."""
+    scenario, default folder of the trace, vCPUs or None for the repository
+    scenario's own); builds outside ones."""
     from qmp_tools import custom
     from qmp_tools.paths import available_scenarios
 
@@ -208,16 +210,16 @@ def _capture_scenario(args: argparse.Namespace) -> tuple[str, str | None, str]:
         if scenario is not None:
             raise UsageError("--module and --scenario: give one of them")
         built = custom.from_modules(args.module, args.steps, args.append)
-        return built.scenario, built.append, "out"
+        return built.scenario, built.append, "out", built.vcpus
     if args.steps is not None:
         raise UsageError("--steps needs --module (a scenario folder has its own steps.sh)")
     if outside:
         built = custom.from_folder(Path(scenario), args.append)
-        return built.scenario, built.append, "out"
+        return built.scenario, built.append, "out", built.vcpus
     if args.append:
         raise UsageError("--append needs --module or --scenario DIR "
                          "(a repository scenario has its append file)")
-    return scenario or "seed", None, "traces"
+    return scenario or "seed", None, "traces", None
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -186,6 +186,10 @@ def test_module_errors_are_one_line(tmp_path: Path) -> None:
     broken.write_text('#include <linux/module.h>\n'
                       'static int __init b_init(void) { return no_such_name; }\n'
                       'module_init(b_init);\nMODULE_LICENSE("GPL");\n')
+    badcpus = tmp_path / "badcpus"
+    badcpus.mkdir()
+    (badcpus / "steps.sh").write_text("stmark start\nstmark stop\n")
+    (badcpus / "vcpus").write_text("two\n")
     cases = [
         (["--module", str(tmp_path / "missing.c")], "no such file"),
         (["--module", str(tmp_path / "notc.txt")], "not a C file"),
@@ -193,6 +197,7 @@ def test_module_errors_are_one_line(tmp_path: Path) -> None:
         (["--module", str(MODULE), "--scenario", "seed"], "give one of them"),
         (["--steps", str(broken)], "--steps needs --module"),
         (["--scenario", str(tmp_path)], "no steps.sh"),
+        (["--scenario", str(badcpus)], r"vcpus: want one number of vCPUs, 1 to 8, not 'two'"),
     ]
     for args, needle in cases:
         proc = run_cli("capture", *args, "--out", str(tmp_path / "x.trace"))
@@ -206,11 +211,14 @@ def test_scenario_folder_outside_the_repo(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "steps.sh").write_text("stmark start\necho mine ran\nstmark stop\n")
+    (folder / "vcpus").write_text("2\n")  # its own vcpus file counts as a repository one's
     out = tmp_path / "mine.trace"
     proc = run_cli("capture", "--scenario", str(folder), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with TraceReader(out) as reader:
         assert reader.header["scenario"] == "user-mine"  # user- + the folder's name
+        assert reader.header["options"]["vcpus"] == "2"
+        assert reader.header["options"]["tcg"] == "multi"  # 2 vCPUs, not --deterministic
         names = [m[0] for c in reader for m in c.markers]
     assert "start" in names and "stop" in names  # its steps opened and closed the window
     assert "mine ran" in out.with_name("mine.console.log").read_text()
