@@ -211,14 +211,31 @@ def test_scenario_folder_outside_the_repo(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "steps.sh").write_text("stmark start\necho mine ran\nstmark stop\n")
-    (folder / "vcpus").write_text("2\n")  # its own vcpus file counts as a repository one's
     out = tmp_path / "mine.trace"
     proc = run_cli("capture", "--scenario", str(folder), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with TraceReader(out) as reader:
         assert reader.header["scenario"] == "user-mine"  # user- + the folder's name
-        assert reader.header["options"]["vcpus"] == "2"
-        assert reader.header["options"]["tcg"] == "multi"  # 2 vCPUs, not --deterministic
+        assert reader.header["options"]["vcpus"] == "1"  # no vcpus file in the folder
         names = [m[0] for c in reader for m in c.markers]
     assert "start" in names and "stop" in names  # its steps opened and closed the window
     assert "mine ran" in out.with_name("mine.console.log").read_text()
+
+
+def test_scenario_folder_has_its_own_vcpus(tmp_path: Path) -> None:
+    """A folder's ``vcpus`` file counts as a repository scenario's: capture
+    runs it on that many vCPUs unless --smp says otherwise (built, not
+    booted: the boot of a 2-vCPU capture is tested on smp-fork)."""
+    import argparse
+
+    from replay.cli import _capture_scenario
+
+    folder = tmp_path / "twocpu"
+    folder.mkdir()
+    (folder / "steps.sh").write_text("stmark start\nstmark stop\n")
+    (folder / "vcpus").write_text("2\n")
+    args = argparse.Namespace(scenario=str(folder), module=None, steps=None, append="")
+    name, _append, default_dir, vcpus = _capture_scenario(args)
+    assert (name, default_dir, vcpus) == ("user-twocpu", "out", 2)
+    (folder / "vcpus").unlink()
+    assert _capture_scenario(args)[3] == 1  # no file: one vCPU
