@@ -72,13 +72,14 @@ def _worker_group(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups: dict[str, str | None] = {}
     for item in items:
         boots = [f for f in QEMU_FIXTURES if f in getattr(item, "fixturenames", ())]
         if boots and item.get_closest_marker("e2e") is None:
             raise pytest.UsageError(
                 f"{item.nodeid} boots QEMU (fixture {boots[0]}) but is not marked e2e"
             )
-        group = _worker_group(item)
+        group = groups[item.nodeid] = _worker_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -87,7 +88,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # the other tests that boot QEMU, then the rest; otherwise as
         # collected. Every worker sorts alike, as pytest-xdist requires.
         def rank(item: pytest.Item) -> int:
-            group = _worker_group(item)
+            group = groups[item.nodeid]
             if group in FIRST:
                 return FIRST.index(group)
             return len(FIRST) + (item.get_closest_marker("e2e") is None)
