@@ -132,11 +132,15 @@ def run_xen(
     ram_mib: int = 512,
     progress: Progress | None = None,
     paths: BuildPaths | None = None,
+    append: str | None = None,
 ) -> XenResult:
     """Run ``scenario``'s guest under Xen with shadow paging; raise SetupError
-    (something to build or a bad option) or GuestError (the run failed)."""
+    (something to build or a bad option) or GuestError (the run failed).
+    ``append``: the guest's extra kernel words of a researcher's own scenario
+    (:mod:`qmp_tools.custom`, built into ``build/``); None: a repository
+    scenario, with its ``append`` file."""
     paths = paths or BuildPaths.default()
-    _check_setup(scenario, paths)
+    _check_setup(scenario, paths, known=append is None)
     if not 1 <= vcpus <= MAX_XEN_VCPUS:
         raise SetupError(f"vcpus must be 1..{MAX_XEN_VCPUS}, not {vcpus}")
     if ram_mib < 64 or ram_mib > HOST_RAM_MIB - 1536:
@@ -150,6 +154,7 @@ def run_xen(
             vcpus=vcpus,
             ram_mib=ram_mib,
             paths=paths,
+            append=scenario_append(scenario) if append is None else append,
         ),
         progress or (lambda _msg: None),
     )
@@ -159,10 +164,11 @@ def run_xen(
         raise GuestError("interrupted", run.host_tail()) from None
 
 
-def _check_setup(scenario: str, paths: BuildPaths) -> None:
-    """One SetupError line for an unknown scenario or the first missing part."""
+def _check_setup(scenario: str, paths: BuildPaths, *, known: bool = True) -> None:
+    """One SetupError line for an unknown scenario (``known``: it must be one
+    of the repository's) or the first missing part."""
     scenarios = available_scenarios()
-    if scenario not in scenarios:
+    if known and scenario not in scenarios:
         raise SetupError(
             f"unknown scenario {scenario!r}; known: {', '.join(scenarios) or 'none'}"
         )
@@ -187,6 +193,8 @@ class _RunConfig:
     vcpus: int
     ram_mib: int
     paths: BuildPaths
+    #: The guest's kernel words after GUEST_CMDLINE.
+    append: str = ""
 
     @property
     def guest_timeout(self) -> int:
@@ -230,7 +238,7 @@ class _XenRun:
     # -- the disks and the command line ------------------------------------
     def _xl_config(self) -> str:
         c = self.c
-        cmdline = " ".join(filter(None, [GUEST_CMDLINE, scenario_append(c.scenario)]))
+        cmdline = " ".join(filter(None, [GUEST_CMDLINE, c.append]))
         if '"' in cmdline or "\\" in cmdline:
             raise SetupError(f"scenario {c.scenario!r}: append has a quote or backslash")
         cpus = ", ".join(f'"{p}"' for p in guest_pcpus(c.vcpus))

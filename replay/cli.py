@@ -94,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     xen = sub.add_parser("xen", help="run a scenario under the real Xen (shadow paging) "
                          "and decode Xen's own trace")
-    xen.add_argument("--scenario", default="seed", help="scenario folder name (default seed)")
+    xen.add_argument("--scenario", metavar="NAME|DIR",
+                     help="a scenario of scenarios/ (default seed), or a scenario folder "
+                          "elsewhere, as for capture")
+    xen.add_argument("--module", action="append", type=Path, default=[], metavar="PATH.c",
+                     help="build this kernel module and load it in the window (repeatable), "
+                          "as for capture")
+    xen.add_argument("--steps", type=Path, metavar="FILE",
+                     help="with --module: the guest's steps instead of loading the modules")
+    xen.add_argument("--append", default="", metavar="WORDS",
+                     help="with --module or --scenario DIR: more kernel command-line words")
     xen.add_argument("--out", type=Path, default=Path("out/xen"), metavar="DIR",
                      help="where NAME.xen.* go (default out/xen)")
     xen.add_argument("--timeout", type=float, default=300.0,
@@ -195,9 +204,10 @@ def _capture(args: argparse.Namespace) -> int:
 
 
 def _capture_scenario(args: argparse.Namespace) -> tuple[str, str | None, str, int | None]:
-    """capture's scenario: (name, kernel words or None for a repository
-    scenario, default folder of the trace, vCPUs or None for the repository
-    scenario's own); builds outside ones."""
+    """capture's (and xen's) scenario: (name, kernel words or None for a
+    repository scenario, default folder of the trace, vCPUs or None for the
+    repository scenario's own); builds outside ones (``--module``,
+    ``--scenario DIR``) into ``build/`` as ``user-NAME``."""
     from qmp_tools import custom
     from qmp_tools.paths import available_scenarios
 
@@ -328,39 +338,40 @@ def _xen(args: argparse.Namespace) -> int:
     from .report.console import print_xen_summary, progress_printer
     from .xen.summary import build_table, summary_doc, write_parquet
 
-    if args.vcpus is None:
-        args.vcpus = scenario_vcpus(args.scenario)
-    if not 1 <= args.vcpus <= MAX_XEN_VCPUS:
+    if args.vcpus is not None and not 1 <= args.vcpus <= MAX_XEN_VCPUS:
         raise UsageError(f"--vcpus {args.vcpus}: use 1 to {MAX_XEN_VCPUS}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
+    scenario, append, _, vcpus = _capture_scenario(args)  # checks first: this builds
+    if args.vcpus is None:
+        args.vcpus = vcpus if vcpus is not None else scenario_vcpus(scenario)
     paths = BuildPaths.default()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {args.out}: {err.strerror}") from None
     try:
-        with progress_printer(f"Xen: {args.scenario}") as progress:
-            run = run_xen(args.scenario, args.out, timeout=args.timeout, vcpus=args.vcpus,
-                          progress=progress, paths=paths)
+        with progress_printer(f"Xen: {scenario}") as progress:
+            run = run_xen(scenario, args.out, timeout=args.timeout, vcpus=args.vcpus,
+                          progress=progress, paths=paths, append=append)
             progress("decoding Xen's trace")
             console = run.console_log.read_text(errors="replace")
             xt = build_table(
                 run.xentrace, console=console, pcpus=run.pcpus, kallsyms=paths.kallsyms,
-                module_dirs=[paths.module_dir(args.scenario)],
+                module_dirs=[paths.module_dir(scenario)],
                 progress=lambda done, total: progress(f"decoding {done * 100 // total}%"),
             )
     except GuestError as err:
         if err.console_tail:
             sys.stderr.write("--- console (last lines) ---\n" + err.console_tail + "\n---\n")
         raise
-    parquet = write_parquet(xt.table, args.out / f"{args.scenario}.xen.parquet")
+    parquet = write_parquet(xt.table, args.out / f"{scenario}.xen.parquet")
     doc = summary_doc(xt, {
-        "scenario": args.scenario, "duration_s": round(run.duration, 2), "pcpus": run.pcpus,
+        "scenario": scenario, "duration_s": round(run.duration, 2), "pcpus": run.pcpus,
         "console_log": str(run.console_log), "xentrace": str(run.xentrace),
         "host_log": str(run.host_log), "parquet": str(parquet),
     })
-    results.write_json(args.out / f"{args.scenario}.xen.json", doc)
+    results.write_json(args.out / f"{scenario}.xen.json", doc)
     print_xen_summary(doc)
     return 0
 
