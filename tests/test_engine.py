@@ -745,3 +745,41 @@ def test_cr3_write_skips_oos_pages_safe_not_to_sync() -> None:
     # from one parent, up to an L4 that is not v0's new root: skipped
     assert d.c["shadow_resync_only"] == 0
     assert d.e.shadows[(l1, L1)].entries[0] != NEW_SHADOW
+
+
+def test_cr3_write_does_not_skip_an_l1_whose_up_pointer_is_gone() -> None:
+    """sh_safe_not_to_sync follows up-pointers (sp->up), not whoever links a
+    shadow now: an L1 linked by two L2 entries keeps its up-pointer only
+    while the first entry (sh_get_ref's) links it. Once the guest clears
+    that entry, one reference is left but no up-pointer, so Xen cannot
+    prove the L1 is out of the new root's reach and re-validates it."""
+    t = GuestTables()
+    root = t.new()
+    _, l2, l1 = t.map(root, U, 0x1000, DATA)
+    first = va_index(U, 2)
+    t.set(l2, first + 1, t.get(l2, first))  # U + 2 MiB through the same L1
+    t.map(root, dm(l1), l1, KDATA)
+    t.map(root, dm(l2), l2, KDATA)
+    d = Driver(vcpus=2, linux_l3_toplevel=False)
+    d.load(t)
+    d.cr3(root, vcpu=0)
+    d.cr3(root, vcpu=1)
+    d.read(U, vcpu=1, user=True)  # the L1 shadow's up-pointer: L2 entry `first`
+    d.read(U + (2 << 20), vcpu=1, user=True)  # a second reference
+    assert d.e.shadows[(l1, L1)].refcount == 2
+    assert d.e.up[(l1, L1)][1] == first
+    d.write(dm(l2) + 8 * first, vcpu=1)
+    t.set(l2, first, 0)  # the guest unlinks the first entry (emulated: L2 shadowed)
+    d.ev(K.TABLE_WRITE, 1, va=dm(l2) + 8 * first, pa=(l2 << 12) + 8 * first, val=0)
+    # sh_put_ref from that entry: one reference left, the up-pointer cleared
+    assert d.e.shadows[(l1, L1)].refcount == 1
+    assert (l1, L1) not in d.e.up
+    d.write(dm(l1), vcpu=1)
+    t.set(l1, 0, NEW_LEAF)
+    d.ev(K.TABLE_WRITE, 1, va=dm(l1), pa=l1 << 12, val=NEW_LEAF)
+    assert d.e.is_out_of_sync(l1)
+    other = t.new()  # an unrelated root, as in the test above, where it was skipped
+    d.load(t)
+    d.cr3(other, vcpu=0)
+    assert d.c["shadow_resync_only"] == 1  # not skipped: no up-pointer to follow
+    assert d.e.shadows[(l1, L1)].entries[0] == NEW_SHADOW

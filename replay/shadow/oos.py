@@ -156,17 +156,20 @@ class OutOfSync(EngineState):
 
     def _safe_not_to_sync(self, v: VCpu, frame: int) -> bool:
         """multi.c sh_safe_not_to_sync: the frame's L1 shadow has one
-        reference, from one parent, and so on up to one L4 shadow that is not
-        the root ``v`` runs on (needs up-pointers: never with L3 pinning)."""
+        reference and an up-pointer (``sp->up``: its first parent entry,
+        cleared when that entry unlinks it even if another still does), and
+        so on up to an L4 shadow that is not the root ``v`` runs on. An L3
+        that is pinned has no up-pointer (sh_type_has_up_pointer), so with
+        L3 pinning it is never safe."""
         if self.l3_pinning:
             return False
         key: Key = (frame, L1)
         for _ in range(3):  # L1 -> L2 -> L3 -> L4
             sh = self.shadows.get(key)
-            parents = self.parents.get(key)
-            if sh is None or sh.refcount != 1 or not parents or len(parents) != 1:
+            up = self.up.get(key)
+            if sh is None or sh.refcount != 1 or up is None:
                 return False
-            key = next(iter(parents))[0]
+            key = up[0]
         return v.slot != key
 
     def _sync_other_vcpus(self, v: VCpu) -> None:
