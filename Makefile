@@ -138,15 +138,26 @@ lint: python
 # reserved-root and reserved-root-lazy are left out: their module refuses to
 # load in a PVH guest (the memmap= range is not a reserved range of Xen's
 # e820), so Xen has no window to compare.
+# XEN_RUNS=N runs each scenario N times under Xen (out/xen/NAME, NAME.2 ...):
+# Xen's counts vary from run to run, and the tables give their range.
 XEN_SCENARIOS := seed vmalloc fork smp-fork private-root shared-l1 secretmem
+XEN_RUNS  ?= 1
 FIDELITY  := out/fidelity
-xen-fidelity: $(foreach s,$(XEN_SCENARIOS),$(FIDELITY)/$(s).trace out/xen/$(s)/.done)
-	$(PY) -m replay.xen.fidelity --traces $(FIDELITY) out/xen $(XEN_SCENARIOS)
+XEN_MORE_RUNS = $(foreach s,$(XEN_SCENARIOS),$(foreach k,$(wordlist 2,$(XEN_RUNS),$(shell \
+                  seq 1 $(XEN_RUNS))),out/xen/$(s).$(k)/.run-done))
+xen-fidelity: $(foreach s,$(XEN_SCENARIOS),$(FIDELITY)/$(s).trace out/xen/$(s)/.done) \
+              $(XEN_MORE_RUNS)
+	$(PY) -m replay.xen.fidelity --traces $(FIDELITY) --runs $(XEN_RUNS) out/xen $(XEN_SCENARIOS)
 $(FIDELITY)/%.trace: $(PLUGIN) scenarios/%/steps.sh $$(wildcard scenarios/%/*.c) | setup
 	@mkdir -p $(FIDELITY)
 	$(ST) capture --scenario $* --window all --no-untrack --deterministic --out $@
 out/xen/%/.done: scenarios/%/steps.sh $$(wildcard scenarios/%/*.c) $(XEN)/.built | setup
 	$(ST) xen --scenario $* --out out/xen/$*
+	@touch $@
+# Run k (2 and up) of a scenario: out/xen/NAME.k
+out/xen/%/.run-done: scenarios/$$(basename $$*)/steps.sh \
+                     $$(wildcard scenarios/$$(basename $$*)/*.c) $(XEN)/.built | setup
+	$(ST) xen --scenario $(basename $*) --out out/xen/$*
 	@touch $@
 
 bench-capture: setup

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,11 +321,45 @@ def test_fidelity_table_names_the_guest_faults_before_xens_answer() -> None:
                       "guest_faults_before": 1}}
     doc = {"answers": [answer], "start": "warm",
            "metrics": [{"name": "faults_fixed", "model": 3, "xen": 2}]}
-    lines = markdown({"secretmem": doc}).splitlines()
+    lines = markdown({"secretmem": [doc]}).splitlines()
     # one answer row, its Xen cell naming the skipped guest fault
     assert lines[2] == ("| secretmem | `0x1000` / `0x2000` | demand-write `0x4015fb` | "
                         "fixup+new-l1e `0x4015fb` (after 1 guest fault) | yes |")
     assert "| `faults_fixed` | 3 / 2 |" in lines
+    assert "Model replays: warm start. Xen: 1 run per scenario." in lines
+
+
+def test_fidelity_table_gives_the_range_of_several_xen_runs() -> None:
+    """Three Xen runs of one scenario beside one model replay: each metric's
+    Xen cell is lowest-highest, a Xen answer that differs between runs is
+    shown once per kind, and the verdict says in how many runs it agreed."""
+    from replay.xen.fidelity import markdown
+
+    def doc(xen_faults: int, shared: float, xen_kind: str, agreed: bool,
+            xen_va: str) -> dict[str, Any]:
+        answer = {"va_model": "0x1000", "va_xen": xen_va, "agree": agreed,
+                  "model": {"kind": "demand-write", "symbol": "clear_page_erms+0x7",
+                            "event": 5},
+                  "xen": {"kind": xen_kind, "symbol": "clear_page_erms+0x7", "record": 9,
+                          "guest_faults_before": 0}}
+        return {"answers": [answer], "start": "warm",
+                "metrics": [{"name": "faults_fixed", "model": 244, "xen": xen_faults},
+                            {"name": "cr3_writes", "model": 10, "xen": 12},
+                            {"name": "faulted_pages_shared", "model": shared, "xen": 0.5}]}
+
+    runs = [doc(240, 0.55, "fixup+new-l1e", True, "0x2000"),
+            doc(236, 0.54, "fixup+new-l1e", True, "0x3000"),
+            doc(241, 0.55, "fixup", False, "0x2000")]
+    lines = markdown({"seed": runs}).splitlines()
+    assert lines[2] == ("| seed | `0x1000` / `0x2000`; `0x3000` | demand-write "
+                        "`clear_page_erms+0x7` | fixup+new-l1e `clear_page_erms+0x7`; "
+                        "fixup `clear_page_erms+0x7` | 2 of 3 runs |")
+    assert "| `faults_fixed` | 244 / 236-241 |" in lines  # the model's is one replay
+    assert "| `cr3_writes` | 10 / 12 |" in lines  # alike in every run: one number
+    # the model's share depends on the pages Xen faulted on: a range too
+    assert "| `faulted_pages_shared` | 0.54-0.55 / 0.50 |" in lines
+    assert ("Model replays: warm start. Xen: 3 runs per scenario "
+            "(lowest-highest where the runs differ).") in lines
 
 
 def test_unnamed_pcs_agree_only_at_the_same_address() -> None:

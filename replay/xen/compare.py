@@ -334,28 +334,29 @@ def agree(model: dict[str, Any], xen: dict[str, Any]) -> bool:
     return False
 
 
-def compare(
-    trace: Path,
-    xen_dir: Path,
-    *,
-    watch_console: str | None = None,
-    config: Path | None = None,
-) -> dict[str, Any]:
-    """The comparison document (schema in ``docs/compare.md``)."""
-    table_path, xen_console = xen_files(xen_dir)
-    check_vcpus(trace, table_path)
-    xen = read_parquet(table_path)
-    model_vas: list[int] = []
-    xen_vas: list[int] = []
+@dataclass
+class ModelSide:
+    """The model's replay of one trace, counted for comparison: made once,
+    put beside any number of Xen runs of the scenario (:func:`against`)."""
+
+    trace: Path
+    rep: Any
+    tally: WindowTally
+    #: the watched VAs the trace's console names, and the regex that found them
+    vas: list[int]
+    watch_console: str | None
+    #: event indices of the start and stop markers
+    window: tuple[int, int]
+
+
+def model_side(trace: Path, *, watch_console: str | None = None,
+               config: Path | None = None) -> ModelSide:
+    """Replay ``trace`` with the window tally and the watched VAs' timelines."""
+    vas: list[int] = []
     if watch_console is not None:
-        model_vas = console_vas(console_text(trace), watch_console, f"{trace} console")
-        try:
-            xtext = xen_console.read_text(errors="replace")
-        except OSError as err:
-            raise UsageError(f"{xen_console}: cannot read: {err.strerror}") from None
-        xen_vas = console_vas(xtext, watch_console, str(xen_console))
+        vas = console_vas(console_text(trace), watch_console, f"{trace} console")
     tally = WindowTally()
-    opts = ReplayOptions(trace=trace, config=config, watch=model_vas)
+    opts = ReplayOptions(trace=trace, config=config, watch=vas)
 
     def attach(engine: ShadowEngine) -> None:
         engine.on_fault = tally.fault
@@ -365,11 +366,35 @@ def compare(
     rep = replay(opts, sinks=[tally], attach=attach)
     if tally.start is None or tally.stop is None:
         raise UsageError(f"{trace}: no start/stop marker pair: nothing to compare")
+    return ModelSide(trace, rep, tally, vas, watch_console,
+                     (tally.start_event or 0, tally.stop_event or 0))
+
+
+def check_xen_dir(trace: Path, xen_dir: Path, watch_console: str | None) -> list[int]:
+    """The checks of a Xen run that need no replay (its files, its vCPUs, the
+    watched VAs on its console, which it returns)."""
+    table_path, xen_console = xen_files(xen_dir)
+    check_vcpus(trace, table_path)
+    if watch_console is None:
+        return []
+    try:
+        xtext = xen_console.read_text(errors="replace")
+    except OSError as err:
+        raise UsageError(f"{xen_console}: cannot read: {err.strerror}") from None
+    return console_vas(xtext, watch_console, str(xen_console))
+
+
+def against(model: ModelSide, xen_dir: Path) -> dict[str, Any]:
+    """The comparison document of ``model`` and the Xen run in ``xen_dir``
+    (schema in ``docs/compare.md``)."""
+    xen_vas = check_xen_dir(model.trace, xen_dir, model.watch_console)
+    table_path, _ = xen_files(xen_dir)
+    xen = read_parquet(table_path)
+    rep, tally, window = model.rep, model.tally, model.window
     xen = rename_markers(xen, cpuid_markers(rep.stats.markers))
     inside = xen.filter((pl.col("window") == "inside") & pl.col("vcpu").is_not_null())
     answers = []
-    window = (tally.start_event or 0, tally.stop_event or 0)
-    for i, mva in enumerate(model_vas):
+    for i, mva in enumerate(model.vas):
         m = model_answer(rep, mva, window)
         xva = xen_vas[i] if i < len(xen_vas) else None
         x = xen_answer(inside, xva) if xva is not None else {
@@ -388,9 +413,21 @@ def compare(
     xs = both / len(xp) if xp else 0.0
     metrics.append({"name": SHARED, "model": round(ms, 4), "xen": round(xs, 4),
                     "ratio": _ratio(ms, xs)})
-    return {"trace": str(trace), "xen": str(table_path),
+    return {"trace": str(model.trace), "xen": str(table_path),
             "start": start_kind(rep.doc["trace"]["header"]), "window_events": list(window),
             "answers": answers, "metrics": metrics}
+
+
+def compare(
+    trace: Path,
+    xen_dir: Path,
+    *,
+    watch_console: str | None = None,
+    config: Path | None = None,
+) -> dict[str, Any]:
+    """The comparison document of ``trace`` and one Xen run (``docs/compare.md``)."""
+    check_xen_dir(trace, xen_dir, watch_console)  # before the replay: quick errors
+    return against(model_side(trace, watch_console=watch_console, config=config), xen_dir)
 
 
 #: Markers the plugin writes itself (no CPUID in the guest: Xen has no record).
