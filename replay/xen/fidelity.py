@@ -82,9 +82,10 @@ def _distinct(cells: list[str]) -> str:
 
 
 def _span(values: list[Any]) -> str:
-    """Values of several runs: the value, or lowest-highest."""
-    lo, hi = min(values), max(values)
-    return _num(lo) if lo == hi else f"{_num(lo)}-{_num(hi)}"
+    """Values of several runs: the value, or lowest-highest (as printed:
+    shares that round alike are one)."""
+    lo, hi = _num(min(values)), _num(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def markdown(docs: dict[str, list[dict[str, Any]]]) -> str:
