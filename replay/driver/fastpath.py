@@ -9,8 +9,10 @@ would change nothing but its counters and the vCPU's last store, so only
 those are updated. The results are the same as event by event
 (``Replayer(fast=False)`` feeds every event one by one; the tests compare
 the two after every chunk). Event tools (:mod:`replay.driver.tools`) are
-told every event handed to the engine, and the bulk accesses their
-interest names (selected with numpy per run).
+told every event the engine handles (an access only when the engine did not
+find it allowed, or an MMIO one), and the bulk or allowed accesses their
+interest names (selected with numpy over spans of the chunk, kept while the
+interest stays).
 
 :class:`FastPath` is a part of :class:`~replay.driver.replayer.Replayer`,
 which holds the state it uses (declared below for the type checker).
@@ -44,6 +46,10 @@ _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 #: Fast path: runs of at most this many accesses between other events are
 #: taken one by one (cheaper than in bulk when short).
 _SHORT_RUN = 8
+#: Fast path: the bulk accesses the tools want are selected (numpy) over
+#: spans of at least this many events of a chunk, kept while their
+#: interest stays the same.
+_SELECT_SPAN = 4096
 #: Fast path: the matched translations (allowed accesses) are dropped all at
 #: once when their walks' entries noted (``_walked``; their shadow paths:
 #: ``_by_leaf``) pass this many (bounds their memory).
@@ -266,6 +272,24 @@ class FastPath:
                             va_at(j), info & size_mask or 8, bool(info & user_bit))
             eng._event, eng._vcpu = first + L_i[y - 1], L_vcpu[y - 1]
 
+        # the positions some tool wants, selected with numpy over a span of
+        # the chunk and kept while the joint interest stays (its version)
+        sel_ver, sel_lo, sel_hi = -1, 0, 0
+        sel_pos: list[int] = []
+        n_rows = len(L_i)
+
+        def wanted(x: int, y: int) -> list[int]:
+            """Accesses x .. y-1 some tool wants (positions, in order)."""
+            nonlocal sel_ver, sel_lo, sel_hi, sel_pos
+            assert tools is not None
+            if tools.all:
+                return list(range(x, y))
+            if tools.version != sel_ver or x < sel_lo or y > sel_hi:
+                sel_ver, sel_lo = tools.version, x
+                sel_hi = max(y, min(n_rows, x + _SELECT_SPAN))
+                sel_pos = (tools.select(frame_np[x:sel_hi], vpage[x:sel_hi]) + x).tolist()
+            return sel_pos[bisect_left(sel_pos, x):bisect_left(sel_pos, y)]
+
         def bulk_told(x: int, y: int) -> None:
             """:func:`bulk`, telling the tools the accesses they want (each
             right after it is counted; their interest read again after each)."""
@@ -275,11 +299,7 @@ class FastPath:
                     bulk(x, y)
                     return
                 ver = tools.version
-                wanted = tools.select(frame_np[x:y], vpage[x:y])
-                if not len(wanted):
-                    bulk(x, y)
-                    return
-                for p in (wanted + x).tolist():
+                for p in wanted(x, y):
                     bulk(x, p + 1)
                     tell(p)
                     x = p + 1
@@ -332,7 +352,12 @@ class FastPath:
                         by_leaf.setdefault((entry[0], -1), []).append(dep)
                     self._by_leaf_n += 2 * len(spath)
             if tools is not None:
-                tell(j)  # the engine handled it: every tool is told
+                if not allowed or ak & io_bit:
+                    tell(j)  # the engine may have changed: every tool is told
+                elif tools.any and tools.wants(pa >> PAGE_SHIFT, va >> PAGE_SHIFT):
+                    # allowed: the engine changed only what a bulk access
+                    # changes (counters, last store), so told as one
+                    tell(j)
             return allowed
 
         a = 0
