@@ -45,6 +45,8 @@ from .types import (
     VCpu,
 )
 
+_new_fact = tuple.__new__
+
 
 class EngineState:
     """The state of the shadow model (see :class:`~replay.shadow.engine.ShadowEngine`)."""
@@ -227,7 +229,8 @@ class EngineState:
               reason: str) -> None:
         if not self._facts_on:
             return
-        fact = Fact(self._event, kind, self._vcpu, frame, stype, index, value, guest, reason)
+        fact = _new_fact(Fact, (self._event, kind, self._vcpu, frame, stype, index, value, guest,
+                                reason))  # Fact(...) without its Python __new__
         if self.config.record_facts:
             self.facts.append(fact)
         if self.on_fact is not None:
