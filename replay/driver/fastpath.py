@@ -21,6 +21,7 @@ which holds the state it uses (declared below for the type checker).
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from itertools import compress
 from operator import not_
@@ -107,11 +108,11 @@ class FastPath:
     bulk_accesses: int
     _allowed: dict[tuple[object, ...], set[int]]
     _allowed_gen: int
-    _by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]]
+    _by_leaf: defaultdict[tuple[object, int], list[tuple[set[int], int]]]
     _by_leaf_n: int
     _matched: dict[tuple[object, ...], set[int | bytes]]
     _matched_layout: int
-    _walked: dict[int, list[tuple[set[int | bytes], int | bytes]]]
+    _walked: defaultdict[int, list[tuple[set[int | bytes], int | bytes]]]
     _walked_n: int
     _stale: bool
     _ok_a: set[int]
@@ -143,7 +144,7 @@ class FastPath:
             log = eng.leaf_log
             if eng.restrict_gen != self._allowed_gen or self._by_leaf_n > _WALKED_MAX:
                 self._allowed = {}
-                self._by_leaf = {}
+                self._by_leaf = defaultdict(list)
                 self._by_leaf_n = 0
                 self._allowed_gen = eng.restrict_gen
                 log.clear()
@@ -178,8 +179,8 @@ class FastPath:
         walked = self._walked
         dep = (ok, key)
         for eid in path:
-            walked.setdefault(eid, []).append(dep)
-            walked.setdefault(-2 - (eid >> 9), []).append(dep)  # GuestMemory.frame_id
+            walked[eid].append(dep)
+            walked[-2 - (eid >> 9)].append(dep)  # GuestMemory.frame_id
         self._walked_n += len(path)
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
@@ -348,8 +349,8 @@ class FastPath:
                     dep = (ok_a, ak)
                     by_leaf = self._by_leaf
                     for entry in spath:
-                        by_leaf.setdefault(entry, []).append(dep)
-                        by_leaf.setdefault((entry[0], -1), []).append(dep)
+                        by_leaf[entry].append(dep)
+                        by_leaf[entry[0], -1].append(dep)
                     self._by_leaf_n += 2 * len(spath)
             if tools is not None:
                 if not allowed or ak & io_bit:

@@ -220,9 +220,22 @@ class EngineState:
         ``vcpu``, root first, if it reaches a leaf (for ``leaf_log``
         consumers: the access stays allowed while none of them, nor their
         shadows, is logged)."""
-        path = self.shadow_path(vcpu, va)
-        if len(path) == 4:
-            return [(key, i) for key, i, _ in path]
+        # shadow_path's walk, keeping only (shadow, index)
+        root = self._hw_root(self.vcpus[vcpu])
+        shadows = self.shadows
+        sh = shadows.get(root) if root else None
+        out: list[tuple[Key, int]] = []
+        level = 4
+        while sh is not None:
+            i = (va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF
+            out.append((sh.key, i))
+            if level == 1:
+                return out
+            e = sh.entries[i]
+            if not e & SH_P:
+                return None
+            sh = shadows.get(self._child_key(e, level))
+            level -= 1
         return None
 
     def _fact(self, kind: str, frame: int, stype: int, index: int, value: int, guest: int,
