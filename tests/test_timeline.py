@@ -21,6 +21,7 @@ from replay.driver.replayer import Replayer
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, va_index
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine
+from replay.shadow.types import Fact
 from replay.trace import format as fmt
 from replay.trace.reader import TraceReader
 from replay.trace.writer import TraceWriter
@@ -237,3 +238,32 @@ def test_auto_watch_is_bounded(tmp_path: Path) -> None:
         drive(Replayer(eng), reader, [tl])
     # the first two pages touched: the PTE's direct-map page, then VA
     assert [va >> 12 for va in tl.watched] == [dm(s.l1) >> 12, VA >> 12]
+
+
+def test_fact_hub_routes_by_declared_kinds(tmp_path: Path) -> None:
+    # a sink declaring FACT_KINDS (ShadowLifetimes) is handed only those
+    # facts, in order, and ends as one handed every fact; others get all
+    s = seed_trace(tmp_path / "seed.trace")
+    every: list[Fact] = []
+    hub = FactHub()
+    eng = ShadowEngine(EngineConfig(record_facts=False, ram_mib=RAM_MIB), on_fact=hub)
+    routed = ShadowLifetimes()
+    taken: list[Fact] = []
+
+    class Kinds:
+        FACT_KINDS = frozenset({"created", "propagated"})
+
+        def __call__(self, f: Fact) -> None:
+            taken.append(f)
+
+    hub.add(every.append)
+    hub.add(routed)
+    hub.add(Kinds())
+    with TraceReader(s.path) as reader:
+        Replayer(eng).run(reader)
+    assert {f.kind for f in every} >= {"created", "propagated", "pinned"}
+    assert taken == [f for f in every if f.kind in ("created", "propagated")]
+    direct = ShadowLifetimes()
+    for f in every:
+        direct(f)
+    assert routed.all_rows() == direct.all_rows() and routed.all_rows()

@@ -54,6 +54,8 @@ _STYPES: tuple[ShadowType, ...] = tuple(ShadowType(t) for t in range(5))
 #: What an entry's target is made of (:func:`_target`).
 _TARGET_BITS = SH_ADDR | SH_FL1
 _NO_ENTRY_REFS: dict[int, list[LevelRecord]] = {}
+#: Birth(...) without the NamedTuple's Python __new__ (one per shadow entry).
+_new_birth = tuple.__new__
 
 
 def va_index(va: int, level: int) -> int:
@@ -317,7 +319,7 @@ class Timeline(ChunkObserver):
             self._cols_event, self._cols_chunk = event, ch
             self._cols = (pc, va, access)
         pc, va, access = self._cols
-        return Birth(event, f.reason, f.vcpu, cr3, pc, va, value, access)
+        return _new_birth(Birth, (event, f.reason, f.vcpu, cr3, pc, va, value, access))
 
     def _propagated(self, f: Fact) -> None:
         key = (f.frame, _STYPES[f.type])
