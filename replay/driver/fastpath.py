@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from ..guest.memory import PAGE_SHIFT
 from ..shadow.engine import ShadowEngine
-from ..shadow.types import VCpu
+from ..shadow.types import Key, VCpu
 from ..trace import format as fmt
 from ..trace.reader import Chunk
 from .tools import ToolSet
@@ -154,7 +154,11 @@ class FastPath:
                     for ok, key in by_leaf.pop(leaf, ()):
                         ok.discard(key)
                 log.clear()
-            self._ok_a = self._allowed.setdefault(eng.access_token(), set())
+            token = eng.access_token()
+            ok_a = self._allowed.get(token)
+            if ok_a is None:
+                ok_a = self._allowed[token] = set()
+            self._ok_a = ok_a
         layout = guest.layout
         if layout != self._matched_layout:
             changed = guest.layout_changes(self._matched_layout)
@@ -339,19 +343,18 @@ class FastPath:
                     tell(j)
                 return True
             self._stale = True
-            allowed = eng.access(index, vcpu, kind, va, info, pa)
-            if allowed:
-                spath = eng.allowed_path(vcpu, va)
-                if not ak & io_bit and spath is not None:
-                    # allowed while no entry of its path, nor a shadow of
-                    # it, is in the engine's leaf_log
-                    ok_a.add(ak)
-                    dep = (ok_a, ak)
-                    by_leaf = self._by_leaf
-                    for entry in spath:
-                        by_leaf[entry].append(dep)
-                        by_leaf[entry[0], -1].append(dep)
-                    self._by_leaf_n += 2 * len(spath)
+            spath: list[tuple[Key, int]] = []
+            allowed = eng.access(index, vcpu, kind, va, info, pa, spath)
+            if allowed and not ak & io_bit:
+                # allowed while no entry of its path (eng.allowed_path), nor
+                # a shadow of it, is in the engine's leaf_log
+                ok_a.add(ak)
+                dep = (ok_a, ak)
+                by_leaf = self._by_leaf
+                for entry in spath:
+                    by_leaf[entry].append(dep)
+                    by_leaf[entry[0], -1].append(dep)
+                self._by_leaf_n += 2 * len(spath)
             if tools is not None:
                 if not allowed or ak & io_bit:
                     tell(j)  # the engine may have changed: every tool is told
