@@ -226,8 +226,17 @@ class FastPath:
         L_i: list[int] = rows.tolist()
         L_vcpu: list[int] = vcpu_k.tolist()
         wpos: list[int] = np.flatnonzero(kind_k == _WRITE).tolist()
-        bounds: list[int] = np.flatnonzero(~is_acc).tolist()
+        other = np.flatnonzero(~is_acc)
+        bounds: list[int] = other.tolist()
         bounds.append(len(rows))
+        # the columns of the other events (each read once: as lists)
+        o_rows = rows[other]
+        o_kind: list[int] = kind_k[other].tolist()
+        o_info: list[int] = info_k[other].tolist()
+        o_va: list[int] = va_k[other].tolist()
+        o_pa: list[int] = pa_k[other].tolist()
+        o_val: list[int] = chunk.val[o_rows].tolist()
+        o_pc: list[int] = chunk.pc[o_rows].tolist()
         # the other columns, read per event: as lists when many events are
         # read one by one (short runs between other events), else each
         # value from numpy when needed
@@ -365,7 +374,7 @@ class FastPath:
             return allowed
 
         a = 0
-        for b in bounds:
+        for t, b in enumerate(bounds):
             if 0 < b - a <= _SHORT_RUN:
                 # a short run: one by one, each known one counted on the spot
                 ok_a, ok_c = self._tokens(c7_vcpus)
@@ -415,9 +424,7 @@ class FastPath:
                         j = hi
                         win *= 2
             if b < len(L_i):
-                kind = kind_at(b)
-                i, val = L_i[b], chunk.val.item(L_i[b])
-                pa = pa_at(b)
+                kind, i, val, pa = o_kind[t], L_i[b], o_val[t], o_pa[t]
                 if kind == _TABLE_WRITE and pa >> PAGE_SHIFT not in pt_types:
                     # a store into a frame with no shadow: the engine would
                     # only count it and update the guest's table
@@ -428,14 +435,14 @@ class FastPath:
                     eng._event, eng._vcpu = first + i, L_vcpu[b]
                     if (tools is not None and tools.tw_any
                             and tools.wants_table_write(pa >> PAGE_SHIFT, val)):
-                        tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa, val,
+                        tell_tools(first + i, kind, L_vcpu[b], o_info[t], o_va[t], pa, val,
                                    None)
                 else:
                     self._stale = True
-                    self._other(chunk, first + i, kind, L_vcpu[b], info_at(b), va_at(b),
-                                pa, chunk.pc.item(i), val)
+                    self._other(chunk, first + i, kind, L_vcpu[b], o_info[t], o_va[t],
+                                pa, o_pc[t], val)
                     if tools is not None:
-                        tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa, val,
+                        tell_tools(first + i, kind, L_vcpu[b], o_info[t], o_va[t], pa, val,
                                    chunk.markers[val] if kind == _MARKER else None)
                 if kind == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list
