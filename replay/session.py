@@ -209,7 +209,7 @@ def replay(
         engine = ShadowEngine(cfg, on_fact=hub)
         if attach is not None:
             attach(engine)
-        timeline = Timeline(engine, watch)
+        timeline = Timeline(engine, watch, fixed_watch=True)
         lifetimes = ShadowLifetimes()
         hub.add(lifetimes)
         chunk_observers: list[Any] = []

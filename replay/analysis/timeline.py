@@ -92,6 +92,12 @@ class Timeline(ChunkObserver):
         access, up to this many (0: only ``watch``).
     :param max_episodes: path episodes kept per VA.
     :param max_guest_events: table writes kept per VA.
+    :param fixed_watch: the watched VAs are all given here (``watch``, no
+        ``auto``): births are then kept only for the shadow entries a
+        watched path can go through (those at a watched VA's index on
+        their level), and :meth:`add_watch` refuses a VA once a fact of
+        another entry was left out (its paths' births would be missing).
+        The timelines are the same, for less work per fact.
     """
 
     def __init__(
@@ -102,9 +108,14 @@ class Timeline(ChunkObserver):
         auto: int = 0,
         max_episodes: int = 64,
         max_guest_events: int = 256,
+        fixed_watch: bool = False,
     ) -> None:
         self.engine = engine
         self.auto = auto
+        #: births of every shadow entry are kept (see ``fixed_watch``)
+        self._every_entry = not fixed_watch or auto > 0
+        #: a fact of an entry no watched path uses was left out
+        self._left_out = False
         self.max_episodes = max_episodes
         self.max_guest_events = max_guest_events
         self.timelines: dict[int, VaTimeline] = {}
@@ -139,6 +150,9 @@ class Timeline(ChunkObserver):
         page = va >> PAGE_SHIFT
         if page in self._pages:
             return False
+        if self._left_out:
+            raise ValueError(f"watch {va:#x}: the timeline follows a fixed set of VAs "
+                             "(fixed_watch) and has left out the facts of other entries")
         self._pages[page] = va
         self.timelines[va] = VaTimeline(va)
         for level in (1, 2, 3, 4):
@@ -280,7 +294,11 @@ class Timeline(ChunkObserver):
     def __call__(self, f: Fact) -> None:
         kind = f.kind
         if kind == "propagated":
-            self._propagated(f)
+            if self._every_entry or (_level(f.type), f.entry) in self._by_index:
+                self._propagated(f)
+            else:
+                # no watched path can use this entry: its birth is never read
+                self._left_out = True
         elif kind == "created":
             self._born[(f.frame, _STYPES[f.type])] = self._birth(f, 0)
         elif kind == "destroyed":
