@@ -229,7 +229,7 @@ def replay(
             console = console_text(opts.trace)
         checker = Checker(engine, secure=list(opts.secure), console=console,
                           console_events=console_events, policy=opts.policy)
-        hub.add(checker)
+        # (the checker, given the engine, joined its fact hub itself)
         for sink in sinks:
             hub.add(sink)
         chunk_observers += observers
