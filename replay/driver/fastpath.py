@@ -351,10 +351,13 @@ class FastPath:
                         pa >> PAGE_SHIFT, va >> PAGE_SHIFT):
                     tell(j)
                 return True
-            self._stale = True
+            stale, self._stale = self._stale, True
             spath: list[tuple[Key, int]] = []
             allowed = eng.access(index, vcpu, kind, va, info, pa, spath)
             if allowed and not ak & io_bit:
+                # the engine changed nothing the tokens rest on (only counters
+                # and the last store)
+                self._stale = stale
                 # allowed while no entry of its path (eng.allowed_path), nor
                 # a shadow of it, is in the engine's leaf_log
                 ok_a.add(ak)
