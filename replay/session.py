@@ -209,7 +209,7 @@ def replay(
         engine = ShadowEngine(cfg, on_fact=hub)
         if attach is not None:
             attach(engine)
-        timeline = Timeline(engine, watch)
+        timeline = Timeline(engine, watch, fixed_watch=True)
         lifetimes = ShadowLifetimes()
         hub.add(lifetimes)
         chunk_observers: list[Any] = []
@@ -229,7 +229,7 @@ def replay(
             console = console_text(opts.trace)
         checker = Checker(engine, secure=list(opts.secure), console=console,
                           console_events=console_events, policy=opts.policy)
-        hub.add(checker)
+        # (the checker, given the engine, joined its fact hub itself)
         for sink in sinks:
             hub.add(sink)
         chunk_observers += observers

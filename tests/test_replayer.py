@@ -406,3 +406,27 @@ def test_c7_walks_again_only_translations_through_a_changed_entry(tmp_path: Path
     # each of the 5 accesses was cross-checked, from the cache or by a walk
     # (the mismatch too)
     assert rep.stats.translations_checked == 5
+
+
+def test_access_path_is_the_allowed_path(tmp_path: Path) -> None:
+    # the fast path takes an allowed access's shadow path from the access
+    # itself (ShadowEngine.access(path=...)): it is allowed_path's, on the
+    # unit workload fed event by event
+    path = write_trace(tmp_path / "w.trace", workload(seed=3), flush_every=997)
+    eng = ShadowEngine(EngineConfig(vcpus=2))
+    _, chunks, _ = read_all(path)
+    allowed = 0
+    for chunk in chunks:
+        for i in range(chunk.n):
+            kind, vcpu, info = int(chunk.kind[i]), int(chunk.vcpu[i]), int(chunk.info[i])
+            va, pa, val = int(chunk.va[i]), int(chunk.pa[i]), int(chunk.val[i])
+            if kind > fmt.Kind.FETCH:
+                page = chunk.page(val) if kind == fmt.Kind.SNAPSHOT else None
+                eng.process(kind, chunk.first + i, vcpu, info, va, pa, int(chunk.pc[i]), val,
+                            page)
+                continue
+            walked: list[Any] = []
+            if eng.access(chunk.first + i, vcpu, kind, va, info, pa, walked):
+                allowed += 1
+                assert walked == eng.allowed_path(vcpu, va)
+    assert allowed > 100 and eng.counters["shadow_fault"] > 0

@@ -13,18 +13,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from replay.analysis.episodes import LEVELS
+from replay.analysis.golden import read_expectation, stored_options
 from replay.analysis.lifetimes import ShadowLifetimes
 from replay.analysis.timeline import Timeline
 from replay.driver.hub import FactHub, drive
 from replay.driver.replayer import Replayer
 from replay.guest.memory import PTE_A, PTE_D, PTE_P, PTE_RW, va_index
+from replay.report.results import timeline_json
+from replay.session import check_options, console_text, console_vas, replay
 from replay.shadow.config import EngineConfig
 from replay.shadow.engine import ShadowEngine
+from replay.shadow.types import Fact
 from replay.trace import format as fmt
-from replay.trace.reader import TraceReader
+from replay.trace.reader import Chunk, TraceReader
 from replay.trace.writer import TraceWriter
 
+from .replays import EXPECTED, golden_name, trace_of
 from .test_guest import TABLE, GuestTables, dm
 
 K = fmt.Kind
@@ -237,3 +244,71 @@ def test_auto_watch_is_bounded(tmp_path: Path) -> None:
         drive(Replayer(eng), reader, [tl])
     # the first two pages touched: the PTE's direct-map page, then VA
     assert [va >> 12 for va in tl.watched] == [dm(s.l1) >> 12, VA >> 12]
+
+
+def test_fact_hub_routes_by_declared_kinds(tmp_path: Path) -> None:
+    # a sink declaring FACT_KINDS (ShadowLifetimes) is handed only those
+    # facts, in order, and ends as one handed every fact; others get all
+    s = seed_trace(tmp_path / "seed.trace")
+    every: list[Fact] = []
+    hub = FactHub()
+    eng = ShadowEngine(EngineConfig(record_facts=False, ram_mib=RAM_MIB), on_fact=hub)
+    routed = ShadowLifetimes()
+    taken: list[Fact] = []
+
+    class Kinds:
+        FACT_KINDS = frozenset({"created", "propagated"})
+
+        def __call__(self, f: Fact) -> None:
+            taken.append(f)
+
+    hub.add(every.append)
+    hub.add(routed)
+    hub.add(Kinds())
+    with TraceReader(s.path) as reader:
+        Replayer(eng).run(reader)
+    assert {f.kind for f in every} >= {"created", "propagated", "pinned"}
+    assert taken == [f for f in every if f.kind in ("created", "propagated")]
+    direct = ShadowLifetimes()
+    for f in every:
+        direct(f)
+    assert routed.all_rows() == direct.all_rows() and routed.all_rows()
+
+
+WATCHED_GOLDENS = [p for p in EXPECTED if stored_options(read_expectation(p)[0])["watch"]
+                   or stored_options(read_expectation(p)[0])["watch_console"]]
+
+
+@pytest.mark.parametrize("golden", WATCHED_GOLDENS, ids=[golden_name(p) for p in WATCHED_GOLDENS])
+def test_fixed_watch_timeline_equals_the_full_one(golden: Path) -> None:
+    # the replay's timeline (fixed_watch: births only of entries a watched
+    # path can use) against one of the same VAs keeping every entry's
+    # birth, fed the same facts and chunks: the same timelines
+    opts = check_options(trace_of(golden), golden, read_expectation(golden)[0])
+    opts.progress = False
+    watch = list(opts.watch)
+    if opts.watch_console is not None:
+        watch += [va for va in console_vas(console_text(opts.trace), opts.watch_console, "")
+                  if va not in watch]
+    assert watch
+    full: list[Timeline] = []
+
+    class Full:
+        def __call__(self, f: Fact) -> None:
+            full[0](f)
+
+        def before_chunk(self, chunk: Chunk) -> None:
+            full[0].before_chunk(chunk)
+
+        def after_chunk(self, chunk: Chunk) -> None:
+            full[0].after_chunk(chunk)
+
+    fwd = Full()
+    got = replay(opts, sinks=[fwd], observers=[fwd],
+                 attach=lambda eng: full.append(Timeline(eng, watch)))
+    assert got.timeline._left_out  # the replay's did leave facts out
+    assert got.doc["timelines"] == [timeline_json(t, got.namer)
+                                    for t in full[0].timelines.values()]
+    assert any(t["episodes"] for t in got.doc["timelines"])
+    with pytest.raises(ValueError, match="fixed_watch"):
+        got.timeline.add_watch(0x7F00_0000_0000)

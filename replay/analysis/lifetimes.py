@@ -27,6 +27,9 @@ class ShadowLifetimes:
     """Every shadow's life (created / destroyed event and reason), bounded:
     after ``max_rows`` finished lives only ``dropped`` counts."""
 
+    #: The facts it takes (replay.driver.hub.FactHub hands it no others).
+    FACT_KINDS = frozenset({"created", "destroyed", "reset"})
+
     def __init__(self, max_rows: int = 1_000_000) -> None:
         self.max_rows = max_rows
         self.rows: list[Lifetime] = []

@@ -49,6 +49,13 @@ _ACCESS_MAX = int(fmt.Kind.FETCH)
 _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 _CR3_KINDS = (int(fmt.Kind.CR3_WRITE), int(fmt.Kind.CR3_CURRENT))
 _KIND_NAMES = {int(k): k.name.lower() for k in fmt.Kind}
+#: ShadowType by value (a fact's ``type``), without an enum call per fact.
+_STYPES: tuple[ShadowType, ...] = tuple(ShadowType(t) for t in range(5))
+#: What an entry's target is made of (:func:`_target`).
+_TARGET_BITS = SH_ADDR | SH_FL1
+_NO_ENTRY_REFS: dict[int, list[LevelRecord]] = {}
+#: Birth(...) without the NamedTuple's Python __new__ (one per shadow entry).
+_new_birth = tuple.__new__
 
 
 def va_index(va: int, level: int) -> int:
@@ -66,13 +73,13 @@ def _child(entry: int, level: int) -> Key:
     frame = (entry & SH_ADDR) >> PAGE_SHIFT
     if level == 2:
         return (frame, FL1 if entry & SH_FL1 else L1)
-    return (frame, ShadowType(level - 1))
+    return (frame, _STYPES[level - 1])
 
 
 def _target(entry: int) -> int:
     """What a shadow entry points at (frame and FL1 bit): equal targets mean
     the same child / mapped frame, whatever the flags."""
-    return entry & (SH_ADDR | SH_FL1)
+    return entry & _TARGET_BITS
 
 
 class Timeline(ChunkObserver):
@@ -85,6 +92,12 @@ class Timeline(ChunkObserver):
         access, up to this many (0: only ``watch``).
     :param max_episodes: path episodes kept per VA.
     :param max_guest_events: table writes kept per VA.
+    :param fixed_watch: the watched VAs are all given here (``watch``, no
+        ``auto``): births are then kept only for the shadow entries a
+        watched path can go through (those at a watched VA's index on
+        their level), and :meth:`add_watch` refuses a VA once a fact of
+        another entry was left out (its paths' births would be missing).
+        The timelines are the same, for less work per fact.
     """
 
     def __init__(
@@ -95,9 +108,14 @@ class Timeline(ChunkObserver):
         auto: int = 0,
         max_episodes: int = 64,
         max_guest_events: int = 256,
+        fixed_watch: bool = False,
     ) -> None:
         self.engine = engine
         self.auto = auto
+        #: births of every shadow entry are kept (see ``fixed_watch``)
+        self._every_entry = not fixed_watch or auto > 0
+        #: a fact of an entry no watched path uses was left out
+        self._left_out = False
         self.max_episodes = max_episodes
         self.max_guest_events = max_guest_events
         self.timelines: dict[int, VaTimeline] = {}
@@ -118,6 +136,10 @@ class Timeline(ChunkObserver):
         self._pending: list[tuple[int, int]] = []
         self._paths_before: dict[tuple[int, int], int] = {}
         self._chunk: Chunk | None = None
+        #: _birth's columns of the last event it read (and its chunk)
+        self._cols_event = -1
+        self._cols_chunk: Chunk | None = None
+        self._cols: tuple[int, int, str] = (0, 0, "")
         self._auto_added = 0
         for va in watch:
             self.add_watch(va)
@@ -128,6 +150,9 @@ class Timeline(ChunkObserver):
         page = va >> PAGE_SHIFT
         if page in self._pages:
             return False
+        if self._left_out:
+            raise ValueError(f"watch {va:#x}: the timeline follows a fixed set of VAs "
+                             "(fixed_watch) and has left out the facts of other entries")
         self._pages[page] = va
         self.timelines[va] = VaTimeline(va)
         for level in (1, 2, 3, 4):
@@ -269,11 +294,15 @@ class Timeline(ChunkObserver):
     def __call__(self, f: Fact) -> None:
         kind = f.kind
         if kind == "propagated":
-            self._propagated(f)
+            if self._every_entry or (_level(f.type), f.entry) in self._by_index:
+                self._propagated(f)
+            else:
+                # no watched path can use this entry: its birth is never read
+                self._left_out = True
         elif kind == "created":
-            self._born[(f.frame, ShadowType(f.type))] = self._birth(f, 0)
+            self._born[(f.frame, _STYPES[f.type])] = self._birth(f, 0)
         elif kind == "destroyed":
-            key = (f.frame, ShadowType(f.type))
+            key = (f.frame, _STYPES[f.type])
             self._born.pop(key, None)
             self._entry_born.pop(key, None)
             for rec in self._shadow_refs.pop(key, ()):
@@ -294,31 +323,38 @@ class Timeline(ChunkObserver):
     def _birth(self, f: Fact, value: int) -> Birth:
         vcpus = self.engine.vcpus
         cr3 = vcpus[f.vcpu].cr3 if 0 <= f.vcpu < len(vcpus) else None
-        pc = va = 0
-        access = ""
+        event = f.event
         ch = self._chunk
-        if ch is not None and ch.first <= f.event < ch.first + ch.n:
-            i = f.event - ch.first
-            pc, va = int(ch.pc[i]), int(ch.va[i])
-            access = _KIND_NAMES.get(int(ch.kind[i]), "")
-        return Birth(f.event, f.reason, f.vcpu, cr3, pc, va, value, access)
+        if event != self._cols_event or ch is not self._cols_chunk:
+            # the event's columns, read once for all the facts of one event
+            # (a prefetch run makes many)
+            pc = va = 0
+            access = ""
+            if ch is not None and ch.first <= event < ch.first + ch.n:
+                i = event - ch.first
+                pc, va = ch.pc.item(i), ch.va.item(i)
+                access = _KIND_NAMES.get(ch.kind.item(i), "")
+            self._cols_event, self._cols_chunk = event, ch
+            self._cols = (pc, va, access)
+        pc, va, access = self._cols
+        return _new_birth(Birth, (event, f.reason, f.vcpu, cr3, pc, va, value, access))
 
     def _propagated(self, f: Fact) -> None:
-        key = (f.frame, ShadowType(f.type))
+        key = (f.frame, _STYPES[f.type])
         idx = f.entry
         value = f.value
         entries = self._entry_born.get(key)
         if entries is None:
             entries = self._entry_born[key] = {}
         old = entries.get(idx)
-        present = bool(value & SH_P)
-        retarget = old is None or _target(old.value) != _target(value)
+        present = value & SH_P
+        retarget = old is None or (old.value ^ value) & _TARGET_BITS
         if present and retarget:
             entries[idx] = self._birth(f, value)
         elif not present and old is not None:
             del entries[idx]
         # the watched paths through this entry
-        recs = self._entry_refs.get(key, {}).get(idx)
+        recs = self._entry_refs.get(key, _NO_ENTRY_REFS).get(idx)
         if recs:
             if not present or retarget:
                 for rec in self._entry_refs[key].pop(idx):
@@ -329,9 +365,11 @@ class Timeline(ChunkObserver):
                         rec.changes.append((f.event, f.reason, value))
         if present and retarget:
             level = _level(f.type)
-            for va in self._by_index.get((level, idx), ()):
-                for root in self._roots_above(key, level, va):
-                    self._consider_root(va, root, f.event, f.vcpu)
+            vas = self._by_index.get((level, idx))
+            if vas:
+                for va in vas:
+                    for root in self._roots_above(key, level, va):
+                        self._consider_root(va, root, f.event, f.vcpu)
 
     def _roots_above(self, key: Key, level: int, va: int) -> list[Key]:
         parents = self.engine.parents

@@ -9,8 +9,10 @@ would change nothing but its counters and the vCPU's last store, so only
 those are updated. The results are the same as event by event
 (``Replayer(fast=False)`` feeds every event one by one; the tests compare
 the two after every chunk). Event tools (:mod:`replay.driver.tools`) are
-told every event handed to the engine, and the bulk accesses their
-interest names (selected with numpy per run).
+told every event the engine handles (an access only when the engine did not
+find it allowed, or an MMIO one), and the bulk or allowed accesses their
+interest names (selected with numpy over spans of the chunk, kept while the
+interest stays).
 
 :class:`FastPath` is a part of :class:`~replay.driver.replayer.Replayer`,
 which holds the state it uses (declared below for the type checker).
@@ -19,6 +21,7 @@ which holds the state it uses (declared below for the type checker).
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from itertools import compress
 from operator import not_
@@ -29,7 +32,7 @@ import numpy.typing as npt
 
 from ..guest.memory import PAGE_SHIFT
 from ..shadow.engine import ShadowEngine
-from ..shadow.types import VCpu
+from ..shadow.types import Key, VCpu
 from ..trace import format as fmt
 from ..trace.reader import Chunk
 from .tools import ToolSet
@@ -44,6 +47,10 @@ _TABLE_WRITE = int(fmt.Kind.TABLE_WRITE)
 #: Fast path: runs of at most this many accesses between other events are
 #: taken one by one (cheaper than in bulk when short).
 _SHORT_RUN = 8
+#: Fast path: the bulk accesses the tools want are selected (numpy) over
+#: spans of at least this many events of a chunk, kept while their
+#: interest stays the same.
+_SELECT_SPAN = 4096
 #: Fast path: the matched translations (allowed accesses) are dropped all at
 #: once when their walks' entries noted (``_walked``; their shadow paths:
 #: ``_by_leaf``) pass this many (bounds their memory).
@@ -101,11 +108,11 @@ class FastPath:
     bulk_accesses: int
     _allowed: dict[tuple[object, ...], set[int]]
     _allowed_gen: int
-    _by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]]
+    _by_leaf: defaultdict[tuple[object, int], list[tuple[set[int], int]]]
     _by_leaf_n: int
     _matched: dict[tuple[object, ...], set[int | bytes]]
     _matched_layout: int
-    _walked: dict[int, list[tuple[set[int | bytes], int | bytes]]]
+    _walked: defaultdict[int, list[tuple[set[int | bytes], int | bytes]]]
     _walked_n: int
     _stale: bool
     _ok_a: set[int]
@@ -137,7 +144,7 @@ class FastPath:
             log = eng.leaf_log
             if eng.restrict_gen != self._allowed_gen or self._by_leaf_n > _WALKED_MAX:
                 self._allowed = {}
-                self._by_leaf = {}
+                self._by_leaf = defaultdict(list)
                 self._by_leaf_n = 0
                 self._allowed_gen = eng.restrict_gen
                 log.clear()
@@ -147,7 +154,11 @@ class FastPath:
                     for ok, key in by_leaf.pop(leaf, ()):
                         ok.discard(key)
                 log.clear()
-            self._ok_a = self._allowed.setdefault(eng.access_token(), set())
+            token = eng.access_token()
+            ok_a = self._allowed.get(token)
+            if ok_a is None:
+                ok_a = self._allowed[token] = set()
+            self._ok_a = ok_a
         layout = guest.layout
         if layout != self._matched_layout:
             changed = guest.layout_changes(self._matched_layout)
@@ -172,8 +183,8 @@ class FastPath:
         walked = self._walked
         dep = (ok, key)
         for eid in path:
-            walked.setdefault(eid, []).append(dep)
-            walked.setdefault(-2 - (eid >> 9), []).append(dep)  # GuestMemory.frame_id
+            walked[eid].append(dep)
+            walked[-2 - (eid >> 9)].append(dep)  # GuestMemory.frame_id
         self._walked_n += len(path)
 
     def _loop_fast(self, chunk: Chunk, rows: npt.NDArray[np.intp]) -> None:
@@ -215,8 +226,17 @@ class FastPath:
         L_i: list[int] = rows.tolist()
         L_vcpu: list[int] = vcpu_k.tolist()
         wpos: list[int] = np.flatnonzero(kind_k == _WRITE).tolist()
-        bounds: list[int] = np.flatnonzero(~is_acc).tolist()
+        other = np.flatnonzero(~is_acc)
+        bounds: list[int] = other.tolist()
         bounds.append(len(rows))
+        # the columns of the other events (each read once: as lists)
+        o_rows = rows[other]
+        o_kind: list[int] = kind_k[other].tolist()
+        o_info: list[int] = info_k[other].tolist()
+        o_va: list[int] = va_k[other].tolist()
+        o_pa: list[int] = pa_k[other].tolist()
+        o_val: list[int] = chunk.val[o_rows].tolist()
+        o_pc: list[int] = chunk.pc[o_rows].tolist()
         # the other columns, read per event: as lists when many events are
         # read one by one (short runs between other events), else each
         # value from numpy when needed
@@ -266,6 +286,24 @@ class FastPath:
                             va_at(j), info & size_mask or 8, bool(info & user_bit))
             eng._event, eng._vcpu = first + L_i[y - 1], L_vcpu[y - 1]
 
+        # the positions some tool wants, selected with numpy over a span of
+        # the chunk and kept while the joint interest stays (its version)
+        sel_ver, sel_lo, sel_hi = -1, 0, 0
+        sel_pos: list[int] = []
+        n_rows = len(L_i)
+
+        def wanted(x: int, y: int) -> list[int]:
+            """Accesses x .. y-1 some tool wants (positions, in order)."""
+            nonlocal sel_ver, sel_lo, sel_hi, sel_pos
+            assert tools is not None
+            if tools.all:
+                return list(range(x, y))
+            if tools.version != sel_ver or x < sel_lo or y > sel_hi:
+                sel_ver, sel_lo = tools.version, x
+                sel_hi = max(y, min(n_rows, x + _SELECT_SPAN))
+                sel_pos = (tools.select(frame_np[x:sel_hi], vpage[x:sel_hi]) + x).tolist()
+            return sel_pos[bisect_left(sel_pos, x):bisect_left(sel_pos, y)]
+
         def bulk_told(x: int, y: int) -> None:
             """:func:`bulk`, telling the tools the accesses they want (each
             right after it is counted; their interest read again after each)."""
@@ -275,11 +313,7 @@ class FastPath:
                     bulk(x, y)
                     return
                 ver = tools.version
-                wanted = tools.select(frame_np[x:y], vpage[x:y])
-                if not len(wanted):
-                    bulk(x, y)
-                    return
-                for p in (wanted + x).tolist():
+                for p in wanted(x, y):
                     bulk(x, p + 1)
                     tell(p)
                     x = p + 1
@@ -317,26 +351,33 @@ class FastPath:
                         pa >> PAGE_SHIFT, va >> PAGE_SHIFT):
                     tell(j)
                 return True
-            self._stale = True
-            allowed = eng.access(index, vcpu, kind, va, info, pa)
-            if allowed:
-                spath = eng.allowed_path(vcpu, va)
-                if not ak & io_bit and spath is not None:
-                    # allowed while no entry of its path, nor a shadow of
-                    # it, is in the engine's leaf_log
-                    ok_a.add(ak)
-                    dep = (ok_a, ak)
-                    by_leaf = self._by_leaf
-                    for entry in spath:
-                        by_leaf.setdefault(entry, []).append(dep)
-                        by_leaf.setdefault((entry[0], -1), []).append(dep)
-                    self._by_leaf_n += 2 * len(spath)
+            stale, self._stale = self._stale, True
+            spath: list[tuple[Key, int]] = []
+            allowed = eng.access(index, vcpu, kind, va, info, pa, spath)
+            if allowed and not ak & io_bit:
+                # the engine changed nothing the tokens rest on (only counters
+                # and the last store)
+                self._stale = stale
+                # allowed while no entry of its path (eng.allowed_path), nor
+                # a shadow of it, is in the engine's leaf_log
+                ok_a.add(ak)
+                dep = (ok_a, ak)
+                by_leaf = self._by_leaf
+                for entry in spath:
+                    by_leaf[entry].append(dep)
+                    by_leaf[entry[0], -1].append(dep)
+                self._by_leaf_n += 2 * len(spath)
             if tools is not None:
-                tell(j)  # the engine handled it: every tool is told
+                if not allowed or ak & io_bit:
+                    tell(j)  # the engine may have changed: every tool is told
+                elif tools.any and tools.wants(pa >> PAGE_SHIFT, va >> PAGE_SHIFT):
+                    # allowed: the engine changed only what a bulk access
+                    # changes (counters, last store), so told as one
+                    tell(j)
             return allowed
 
         a = 0
-        for b in bounds:
+        for t, b in enumerate(bounds):
             if 0 < b - a <= _SHORT_RUN:
                 # a short run: one by one, each known one counted on the spot
                 ok_a, ok_c = self._tokens(c7_vcpus)
@@ -386,9 +427,7 @@ class FastPath:
                         j = hi
                         win *= 2
             if b < len(L_i):
-                kind = kind_at(b)
-                i, val = L_i[b], chunk.val.item(L_i[b])
-                pa = pa_at(b)
+                kind, i, val, pa = o_kind[t], L_i[b], o_val[t], o_pa[t]
                 if kind == _TABLE_WRITE and pa >> PAGE_SHIFT not in pt_types:
                     # a store into a frame with no shadow: the engine would
                     # only count it and update the guest's table
@@ -399,14 +438,14 @@ class FastPath:
                     eng._event, eng._vcpu = first + i, L_vcpu[b]
                     if (tools is not None and tools.tw_any
                             and tools.wants_table_write(pa >> PAGE_SHIFT, val)):
-                        tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa, val,
+                        tell_tools(first + i, kind, L_vcpu[b], o_info[t], o_va[t], pa, val,
                                    None)
                 else:
                     self._stale = True
-                    self._other(chunk, first + i, kind, L_vcpu[b], info_at(b), va_at(b),
-                                pa, chunk.pc.item(i), val)
+                    self._other(chunk, first + i, kind, L_vcpu[b], o_info[t], o_va[t],
+                                pa, o_pc[t], val)
                     if tools is not None:
-                        tell_tools(first + i, kind, L_vcpu[b], info_at(b), va_at(b), pa, val,
+                        tell_tools(first + i, kind, L_vcpu[b], o_info[t], o_va[t], pa, val,
                                    chunk.markers[val] if kind == _MARKER else None)
                 if kind == _WINDOW_OPEN:
                     c7_vcpus = eng.vcpus  # the window replaced the vCPU list

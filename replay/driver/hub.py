@@ -17,16 +17,31 @@ from .tools import is_tool
 
 
 class FactHub:
-    """Fan one engine fact stream out to several consumers."""
+    """Fan one engine fact stream out to several consumers.
+
+    A sink with a ``FACT_KINDS`` attribute (a set of :attr:`Fact.kind`
+    values) is handed only the facts of those kinds; others get every fact.
+    Each sink gets its facts in the order the engine made them."""
 
     def __init__(self, *sinks: Callable[[Fact], None]) -> None:
-        self.sinks: list[Callable[[Fact], None]] = list(sinks)
+        self.sinks: list[Callable[[Fact], None]] = []
+        #: fact kind -> the sinks that take it, in order (made on first use)
+        self._routes: dict[str, list[Callable[[Fact], None]]] = {}
+        for sink in sinks:
+            self.add(sink)
 
     def add(self, sink: Callable[[Fact], None]) -> None:
         self.sinks.append(sink)
+        self._routes.clear()
 
     def __call__(self, fact: Fact) -> None:
-        for sink in self.sinks:
+        route = self._routes.get(fact.kind)
+        if route is None:
+            route = self._routes[fact.kind] = [
+                s for s in self.sinks
+                if getattr(s, "FACT_KINDS", None) is None
+                or fact.kind in getattr(s, "FACT_KINDS", ())]
+        for sink in route:
             sink(fact)
 
 

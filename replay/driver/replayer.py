@@ -34,6 +34,7 @@ mismatch count is 0.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,8 @@ class Replayer(FastPath):
         self._allowed_gen = -1
         #: Shadow entry (key, index), or shadow (key, -1) -> the (set, key)
         #: entries relying on it (ShadowEngine.leaf_log).
-        self._by_leaf: dict[tuple[object, int], list[tuple[set[int], int]]] = {}
+        self._by_leaf: defaultdict[tuple[object, int], list[tuple[set[int], int]]] = (
+            defaultdict(list))
         self._by_leaf_n = 0
         #: ... and translation keys that matched, per (layout, CR3s).
         self._matched: dict[tuple[object, ...], set[int | bytes]] = {}
@@ -202,7 +204,8 @@ class Replayer(FastPath):
         #: ... the matched keys resting on each entry / frame their walks
         #: read (:meth:`GuestMemory.entry_id` / ``frame_id`` -> (set, key)),
         #: so a table change drops only the translations through it ...
-        self._walked: dict[int, list[tuple[set[int | bytes], int | bytes]]] = {}
+        self._walked: defaultdict[int, list[tuple[set[int | bytes], int | bytes]]] = (
+            defaultdict(list))
         self._walked_n = 0
         #: ... and whether the engine was called since the allowed set
         #: (``_ok_a``) was looked up.

@@ -7,12 +7,15 @@ the event. Which events it is told, in trace order:
 
 * every event the engine handles itself: every event that is neither an
   access nor a store into a frame without shadow, and every access the
-  replayer hands to the engine (a fault, a first use of a page under the
-  current shadows...). Engine facts, hazards and every counter but
-  ``accesses``, ``events`` and ``table_writes`` change only at these;
+  replayer hands to the engine that the engine did not find allowed (a
+  fault, an access before any CR3) or that is an MMIO access. Engine
+  facts, hazards and every counter but ``accesses``, ``events`` and
+  ``table_writes`` change only at these;
 * of the accesses the replayer takes in bulk (the engine would only count
-  them), those its :class:`Interest` names: every access, or those to
-  given guest frames (``pa >> 12``) or at given virtual pages (``va >> 12``);
+  them) and of those the engine found allowed (it changed nothing else
+  either: no fact, hazard or other counter), those its :class:`Interest`
+  names: every access, or those to given guest frames (``pa >> 12``) or at
+  given virtual pages (``va >> 12``);
 * of the TABLE_WRITEs into frames without shadow (the replayer applies them
   to the guest tables itself: the engine would do nothing else), those its
   interest names: all, those into given frames, or those whose new entry is
@@ -30,8 +33,9 @@ every recorded trace both ways and compare).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import is_
 from typing import Protocol
 
 import numpy as np
@@ -87,6 +91,9 @@ class ToolSet:
     def __init__(self, tools: Iterable[EventTool] = ()) -> None:
         self.tools: list[EventTool] = list(tools)
         self._seen: list[Interest] = []
+        #: The tools' bound methods (asked once per event: looked up once).
+        self._interests: list[Callable[[], Interest]] = [t.interest for t in self.tools]
+        self._on_events: list[Callable[..., None]] = [t.on_event for t in self.tools]
         self.any = False
         self.all = False
         #: Bumped whenever the joint interest changes.
@@ -105,6 +112,8 @@ class ToolSet:
     def add(self, tool: EventTool) -> None:
         if not any(t is tool for t in self.tools):
             self.tools.append(tool)
+            self._interests.append(tool.interest)
+            self._on_events.append(tool.on_event)
             self.refresh()
 
     def __bool__(self) -> bool:
@@ -112,9 +121,8 @@ class ToolSet:
 
     def refresh(self) -> None:
         """Read the tools' interests again; rebuild the joint one if any changed."""
-        now = [t.interest() for t in self.tools]
-        if len(now) == len(self._seen) and all(
-                a is b for a, b in zip(now, self._seen, strict=True)):
+        now = [f() for f in self._interests]
+        if len(now) == len(self._seen) and all(map(is_, now, self._seen)):
             return
         self._seen = now
         self.version += 1
@@ -132,8 +140,8 @@ class ToolSet:
     def tell(self, index: int, kind: int, vcpu: int, info: int, va: int, pa: int, val: int,
              marker: list[str] | None) -> None:
         """Tell every tool one event, then read their interests again."""
-        for t in self.tools:
-            t.on_event(index, kind, vcpu, info, va, pa, val, marker)
+        for on_event in self._on_events:
+            on_event(index, kind, vcpu, info, va, pa, val, marker)
         self.refresh()
 
     def wants(self, frame: int, page: int) -> bool:

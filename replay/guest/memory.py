@@ -329,20 +329,20 @@ class GuestMemory:
         frame, changes)."""
         frames_map = self.frames
         frame = (cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT
-        level = 4
+        span = PAGE_SHIFT + 27  # the VA bits below level 4's index
         while True:
             page = frames_map.get(frame)
             if page is None:
                 return TRANSLATE_UNKNOWN
-            index = (va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF
+            index = (va >> span) & 0x1FF
             if walked is not None:
                 walked.append(frame << 9 | index)
-            entry = _UNPACK(page, index << 3)[0]
+            entry: int = _UNPACK(page, index << 3)[0]
             if not entry & PTE_P:
                 return TRANSLATE_UNMAPPED
-            if level == 1 or (level in (2, 3) and entry & PTE_PS):
-                span = PAGE_SHIFT + 9 * (level - 1)
+            # a leaf: level 1, or PS at level 2 or 3
+            if span == PAGE_SHIFT or (entry & PTE_PS and span != PAGE_SHIFT + 27):
                 mask = (1 << span) - 1
-                return int((entry & ADDR_MASK & ~mask) | (va & mask))
+                return (entry & ADDR_MASK & ~mask) | (va & mask)
             frame = (entry & ADDR_MASK) >> PAGE_SHIFT
-            level -= 1
+            span -= 9

@@ -288,12 +288,15 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Emulate, Multi):
             self.invlpg(index, vcpu, va)
 
     # -- accesses --------------------------------------------------------
-    def access(self, index: int, vcpu: int, kind: int, va: int, info: int, pa: int) -> bool:
+    def access(self, index: int, vcpu: int, kind: int, va: int, info: int, pa: int,
+               path: list[tuple[Key, int]] | None = None) -> bool:
         """A recorded READ/WRITE/FETCH: nothing happens when the current
         shadows allow it; otherwise a shadow fault (Xen's sh_page_fault).
 
         Returns True when the shadows allowed it (no fault, nothing changed
-        but the counters and the vCPU's last store)."""
+        but the counters and the vCPU's last store); then ``path``, if
+        given, holds what :meth:`allowed_path` would return (the walk is
+        not made twice). Its content is meaningless when False."""
         self._event, self._vcpu = index, vcpu
         c = self.counters
         c["accesses"] += 1
@@ -309,17 +312,23 @@ class ShadowEngine(Cr3Targets, OutOfSync, Common, Emulate, Multi):
             return False
         fetch = kind == fmt.Kind.FETCH
         root = self._hw_root(v)
-        if root is not None and self._allowed(root, va, write, user, fetch):
+        if root is not None and self._allowed(root, va, write, user, fetch, path):
             return True
         self._fault(v, vcpu, va, write, user, fetch)
         return False
 
-    def _allowed(self, root: Key, va: int, write: bool, user: bool, fetch: bool) -> bool:
+    def _allowed(self, root: Key, va: int, write: bool, user: bool, fetch: bool,
+                 path: list[tuple[Key, int]] | None = None) -> bool:
+        """Whether the hardware path from ``root`` allows the access;
+        ``path`` (if given) gets each (shadow, index) walked."""
         shadows = self.shadows
         sh = shadows.get(root)
         level = 4
         while sh is not None:
-            e = sh.entries[(va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF]
+            i = (va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF
+            if path is not None:
+                path.append((sh.key, i))
+            e = sh.entries[i]
             if (not e & SH_P or (write and not e & SH_RW) or (user and not e & SH_US)
                     or (fetch and e & SH_NX)):
                 return False

@@ -244,22 +244,32 @@ class Multi(EngineState):
         guest_walk.c makes one up for a PSE l2e: full rights (P, US, RW, A,
         D; the l2e's own rights are enforced in the shadow l2e) plus its
         cache bits (PWT, PCD; PAT in bit 7 when the PSE-PAT bit 12 is set)."""
+        base, flags = Multi._splinter_parts(gl2e)
+        return base + (((va >> PAGE_SHIFT) & 0x1FF) << PAGE_SHIFT) | flags
+
+    @staticmethod
+    def _splinter_parts(gl2e: int) -> tuple[int, int]:
+        """:meth:`_splinter`'s superpage base and flags: the l1e of 4 KiB
+        page ``i`` of the superpage is ``base + (i << PAGE_SHIFT) | flags``."""
         base = (gl2e & ADDR_MASK) & ~0x1F_FFFF
         flags = _FULL_RIGHTS | gl2e & (PTE_PWT | PTE_PCD)
         if gl2e & _PSE_PAT:
             flags |= _PTE_PAT
-        return base + (((va >> PAGE_SHIFT) & 0x1FF) << PAGE_SHIFT) | flags
+        return base, flags
 
     def _prefetch(self, gw: Walk, sl1: Shadow, i1: int, va: int) -> None:
         """Xen's sh_prefetch: fill following empty entries of the L1 shadow."""
         dist = min(self.config.prefetch_distance, 512 - i1)
         entries = sl1.entries
         real = gw.level == 1
-        guest = self.guest.entries(gw.frames[3]) if real else None
-        gl2e = gw.entries[2]
+        l1f = gw.frames[3] if real else -1
+        guest = self.guest.entries(l1f) if real else None
+        # a superpage's made-up l1es (_splinter of each page of it)
+        base, flags = self._splinter_parts(gw.entries[2])
+        propagate, set_l1e, snap_update = self._propagate, self._set_l1e, self._oos_snap_update
+        prefetch = Fetch.PREFETCH
         n = 0
-        for k in range(1, dist):
-            i = i1 + k
+        for i in range(i1 + 1, i1 + dist):
             if entries[i] != 0:
                 break
             if guest is not None:
@@ -267,12 +277,12 @@ class Multi(EngineState):
                 if g & PTE_P and (not g & PTE_A or (g & PTE_RW and not g & PTE_D)):
                     break
             else:
-                g = self._splinter(gl2e, va & ~0x1F_FFFF | (i << PAGE_SHIFT))
+                g = base + (i << PAGE_SHIFT) | flags
             target = (g & ADDR_MASK) >> PAGE_SHIFT if g & PTE_P else -1
-            new = self._propagate(g, 1, target, Fetch.PREFETCH)
-            self._set_l1e(sl1, i, new, g, "prefetch")
+            new = propagate(g, 1, target, prefetch)
+            set_l1e(sl1, i, new, g, "prefetch")
             if real:
-                self._oos_snap_update(gw.frames[3], i, g)
+                snap_update(l1f, i, g)
             if new:
                 n += 1
         self.counters["shadow_prefetch"] += n

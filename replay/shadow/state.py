@@ -45,6 +45,8 @@ from .types import (
     VCpu,
 )
 
+_new_fact = tuple.__new__
+
 
 class EngineState:
     """The state of the shadow model (see :class:`~replay.shadow.engine.ShadowEngine`)."""
@@ -218,16 +220,30 @@ class EngineState:
         ``vcpu``, root first, if it reaches a leaf (for ``leaf_log``
         consumers: the access stays allowed while none of them, nor their
         shadows, is logged)."""
-        path = self.shadow_path(vcpu, va)
-        if len(path) == 4:
-            return [(key, i) for key, i, _ in path]
+        # shadow_path's walk, keeping only (shadow, index)
+        root = self._hw_root(self.vcpus[vcpu])
+        shadows = self.shadows
+        sh = shadows.get(root) if root else None
+        out: list[tuple[Key, int]] = []
+        level = 4
+        while sh is not None:
+            i = (va >> (PAGE_SHIFT + 9 * (level - 1))) & 0x1FF
+            out.append((sh.key, i))
+            if level == 1:
+                return out
+            e = sh.entries[i]
+            if not e & SH_P:
+                return None
+            sh = shadows.get(self._child_key(e, level))
+            level -= 1
         return None
 
     def _fact(self, kind: str, frame: int, stype: int, index: int, value: int, guest: int,
               reason: str) -> None:
         if not self._facts_on:
             return
-        fact = Fact(self._event, kind, self._vcpu, frame, stype, index, value, guest, reason)
+        fact = _new_fact(Fact, (self._event, kind, self._vcpu, frame, stype, index, value, guest,
+                                reason))  # Fact(...) without its Python __new__
         if self.config.record_facts:
             self.facts.append(fact)
         if self.on_fact is not None:

@@ -97,7 +97,7 @@ class Hazard(NamedTuple):
     detail: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Shadow:
     """One shadow page: 512 entries, a reference count, maybe pinned."""
 
@@ -107,10 +107,11 @@ class Shadow:
     entries: list[int] = field(default_factory=lambda: [0] * 512)
     refcount: int = 0
     pinned: bool = False
+    #: (frame, type), made once (read for every entry set).
+    key: Key = field(init=False, repr=False)
 
-    @property
-    def key(self) -> Key:
-        return (self.frame, self.type)
+    def __post_init__(self) -> None:
+        self.key = (self.frame, self.type)
 
     def present(self) -> Iterator[tuple[int, int]]:
         """(index, entry) of present entries."""
