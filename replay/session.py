@@ -233,7 +233,13 @@ def replay(
         for sink in sinks:
             hub.add(sink)
         chunk_observers += observers
-        replayer = Replayer(engine, dedup=not opts.no_dedup, tools=[checker])
+        tools: list[Any] = [checker]
+        at_stop = None
+        if truth is not None:
+            from .analysis.truth import TruthAtStop
+            at_stop = TruthAtStop(engine, truth)
+            tools.append(at_stop)
+        replayer = Replayer(engine, dedup=not opts.no_dedup, tools=tools)
         with replay_progress(opts.trace, enabled=opts.progress) as progress:
             stats = drive(replayer, reader, chunk_observers,
                           on_chunk=lambda c: progress(reader, c))
@@ -249,10 +255,8 @@ def replay(
         engine=engine, stats=stats, dedup=not opts.no_dedup, duration=duration,
         timeline=timeline if watch else None, findings=findings, namer=namer,
     )
-    if truth is not None:
-        from .analysis.truth import check_truth
-        doc["truth"] = [c.to_dict() for c in check_truth(
-            engine.guest, truth, [v.cr3 for v in engine.vcpus])]
+    if at_stop is not None:
+        doc["truth"] = [c.to_dict() for c in at_stop.result()]
     if opts.json is not None:
         results.write_json(opts.json, doc)
     if opts.parquet is not None:

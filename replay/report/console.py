@@ -298,11 +298,14 @@ def print_replay_summary(doc: dict[str, Any]) -> None:
     if doc["hazards"]["count"]:
         out.print(f"exit-less CR3 hazards (C6 input): {doc['hazards']['count']:,}")
     for t in doc["truth"] or []:
-        out.print(f"ground truth, vCPU {t['vcpu']} (QEMU's info tlb under CR3 {t['cr3']}): "
+        at = ("the trace's end" if t.get("event") is None
+              else f"the stop marker, event {t['event']:,}")
+        out.print(f"ground truth, vCPU {t['vcpu']} (QEMU's info tlb under CR3 {t['cr3']}, "
+                  f"the tables as at {at}): "
                   f"{t['pages']:,} pages, {t['agree']:,} mapped alike by the rebuilt tables, "
                   f"{t['differ']:,} differ, {t['unknown']:,} unknown")
         if t.get("trace_cr3") not in (None, t["cr3"]):
-            out.print(f"  (the trace ends with CR3 {t['trace_cr3']} on vCPU {t['vcpu']}: the "
+            out.print(f"  (vCPU {t['vcpu']} had CR3 {t['trace_cr3']} at {at}: the "
                       "guest switched address space before the pause)")
     for tl in doc["timelines"] or []:
         _print_timeline(tl)
