@@ -398,3 +398,31 @@ def test_flag_metrics_leave_out_the_stale_flags_of_guest_faults() -> None:
     # the first fixup and the emulate: 2 (the not_shadow copy is not one)
     assert by["write_access_removals"].xen(inside) == 2
     assert by["unsyncs"].xen(inside) == 1  # the second fixup
+
+
+def test_a_held_leaf_says_how_it_was_built_before_the_window() -> None:
+    """A warm start can open the window on a leaf the model built earlier
+    (``held``): the answer names that birth, so a reader sees the frame's
+    history (a user module's page on a frame the boot had used). The
+    recorded seed, its page's leaf built by clear_page_erms' write at event
+    E, counted from a window opening just after E: held, built at E."""
+    import json
+
+    from replay.paths import TOP
+    from replay.report.console import answer_label
+    from replay.session import ReplayOptions, replay
+    from replay.xen.compare import model_answer
+
+    golden = json.loads((TOP / "traces" / "seed.expected.json").read_text())
+    leaf = golden["expected"]["timelines"][0]["answer"]
+    va = int(golden["expected"]["timelines"][0]["va"], 16)
+    rep = replay(ReplayOptions(trace=TOP / "traces" / "seed.trace", watch=[va]))
+    event = int(leaf["leaf_event"])
+    inside = model_answer(rep, va, (event, 1 << 62))
+    assert inside == {"kind": "demand-write", "symbol": leaf["leaf_symbol"], "event": event}
+    held = model_answer(rep, va, (event + 1, 1 << 62))
+    assert held == {"kind": "held", "symbol": "clear_page_erms+0x7", "event": event,
+                    "built": "demand-write"}
+    assert answer_label(held) == f"held (built by demand-write at event {event:,})"
+    # a window before the leaf existed: nothing held, nothing built in it
+    assert model_answer(rep, va, (0, event))["kind"] == "none"

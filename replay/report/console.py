@@ -354,6 +354,14 @@ def print_xen_summary(doc: dict[str, Any]) -> None:
         out.print(Text(f"{label.replace('_', ' ')}: {doc[label]}"))
 
 
+def answer_label(model: dict[str, Any]) -> str:
+    """compare's model answer kind as the tables print it (``held`` says
+    how the leaf it holds was built before the window)."""
+    if model["kind"] == "held" and model.get("built"):
+        return f"held (built by {model['built']} at event {model['event']:,})"
+    return str(model["kind"])
+
+
 def print_compare(doc: dict[str, Any]) -> None:
     """``shadowtrace compare``: answers and window metrics, model beside Xen."""
     out = _wide()
@@ -363,7 +371,7 @@ def print_compare(doc: dict[str, Any]) -> None:
         answers.add_column(col)
     for a in doc["answers"]:
         m, x = a["model"], a["xen"]
-        answers.add_row(_plain(a["va_model"]), _plain(m["kind"]), _plain(m["symbol"]),
+        answers.add_row(_plain(a["va_model"]), _plain(answer_label(m)), _plain(m["symbol"]),
                         _plain(a["va_xen"]), _plain(x["kind"]), _plain(x["symbol"]),
                         "yes" if a["agree"] else "NO")
     out.print(answers)

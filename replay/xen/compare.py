@@ -278,20 +278,32 @@ def model_answer(rep: Any, va: int, window: tuple[int, int] | None = None) -> di
 
     A leaf built before the window and still there when it opens (a warm
     start) is ``held``: the model had nothing to build, as Xen has nothing
-    to record for a shadow it already holds."""
+    to record for a shadow it already holds. Its ``symbol``, ``event`` and
+    ``built`` say how it was built before the window (the frame's own
+    history: two runs that place a page on frames with different pasts
+    may answer differently for that reason alone)."""
     tl = rep.timeline.timelines.get(va)
     rows = [e.row("L1e") for e in tl.episodes] if tl is not None else []
     lo, hi = window if window is not None else (0, 1 << 62)
     births = [r.birth for r in rows if lo <= r.birth.event < hi]
     if not births:
-        if any(r.birth.event < lo and (r.destroyed is None or r.destroyed[0] >= lo)
-               for r in rows):
-            return {"kind": "held", "symbol": None, "event": None}
+        held = [r.birth for r in rows
+                if r.birth.event < lo and (r.destroyed is None or r.destroyed[0] >= lo)]
+        if held:
+            b = max(held, key=lambda b: b.event)
+            return {"kind": "held", "symbol": _named(rep, b.pc), "event": b.event,
+                    "built": _birth_kind(b)}
         return {"kind": "none", "symbol": None, "event": None}
     b = min(births, key=lambda b: b.event)
-    kind = f"demand-{b.access}" if b.reason == "demand" and b.access else b.reason
-    symbol = rep.namer(b.pc) if rep.namer is not None and b.pc else None
-    return {"kind": kind, "symbol": symbol, "event": b.event}
+    return {"kind": _birth_kind(b), "symbol": _named(rep, b.pc), "event": b.event}
+
+
+def _birth_kind(b: Any) -> str:
+    return f"demand-{b.access}" if b.reason == "demand" and b.access else str(b.reason)
+
+
+def _named(rep: Any, pc: int | None) -> str | None:
+    return rep.namer(pc) if rep.namer is not None and pc else None
 
 
 def xen_answer(inside: pl.DataFrame, va: int) -> dict[str, Any]:

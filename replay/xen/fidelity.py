@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShadowtraceError
+from ..report.console import answer_label
 from .compare import against, check_xen_dir, model_side
 
 TOP = Path(__file__).resolve().parent.parent.parent
@@ -104,7 +105,7 @@ def markdown(docs: dict[str, list[dict[str, Any]]]) -> str:
             agreed = sum(bool(a["agree"]) for a in answers)
             verdict = ("yes" if agreed == len(answers) else "**no**" if not agreed
                        else f"{agreed} of {len(answers)} runs")
-            out.append(f"| {name} | `{first['va_model']}` / {xen_va} | {m['kind']} "
+            out.append(f"| {name} | `{first['va_model']}` / {xen_va} | {answer_label(m)} "
                        f"`{m['symbol'] or '-'}` | {xen} | {verdict} |")
     first_runs = next(iter(docs.values())) if docs else []
     names = [m["name"] for m in first_runs[0]["metrics"]] if first_runs else []
