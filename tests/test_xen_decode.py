@@ -426,3 +426,26 @@ def test_a_held_leaf_says_how_it_was_built_before_the_window() -> None:
     assert answer_label(held) == f"held (built by demand-write at event {event:,})"
     # a window before the leaf existed: nothing held, nothing built in it
     assert model_answer(rep, va, (0, event))["kind"] == "none"
+
+
+def test_early_unshadows_count_shadows_of_guest_tables_only() -> None:
+    """The model's early_unshadows (Xen's demote flag): an emulated write
+    counts when a shadow of a guest table is destroyed at its store or its
+    TABLE_WRITEs, not when only an FL1 is (a splintered superpage has no
+    guest table: sh_destroy_l1_shadow drops it without shadow_demote)."""
+    from replay.shadow.types import Fact, ShadowType
+    from replay.xen.compare import WindowTally
+
+    tally = WindowTally()
+    tally.marker(0, ["start"])
+
+    def emulate_then_destroy(event: int, stype: ShadowType) -> None:
+        tally.fault(event, 0, 0x1000, True, "emulate", False)
+        tally(Fact(event + 1, "destroyed", 0, 0x6000, int(stype), -1, 0, 0, "refcount"))
+
+    emulate_then_destroy(10, ShadowType.FL1)  # a 2 MiB page split: native_set_pte
+    emulate_then_destroy(20, ShadowType.L1)   # a freed table's last reference
+    emulate_then_destroy(30, ShadowType.L4)   # a dying PGD
+    tally.marker(40, ["stop"])
+    emulate_then_destroy(50, ShadowType.L1)   # after the window: not counted
+    assert tally.destroying_emulates() == 2  # events 20 and 30

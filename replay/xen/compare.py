@@ -42,7 +42,7 @@ import polars as pl
 from ..errors import UsageError
 from ..session import ReplayOptions, console_text, console_vas, replay
 from ..shadow.engine import ShadowEngine
-from ..shadow.types import Fact
+from ..shadow.types import Fact, ShadowType
 from ..trace import format as fmt
 from ..trace.reader import TraceReader
 from .annotate import rename_markers
@@ -112,7 +112,8 @@ METRICS: tuple[Metric, ...] = (
            "sh_page_fault's rule for a write to a dying top-level table, or a lower "
            "shadow losing its last reference to the written entry) or the early_unshadow "
            "flag; model emulated writes ('emulate', 'fast_emulate') during which the "
-           "engine destroyed a shadow (at the store or at its TABLE_WRITEs)",
+           "engine destroyed a shadow of a guest table, not an FL1 (at the store or at "
+           "its TABLE_WRITEs)",
            lambda t: t.destroying_emulates(),
            _flag("early_unshadow", "demote", kinds=("emulate",))),
     Metric("user_write_unshadows",
@@ -204,7 +205,10 @@ class WindowTally:
             return
         if fact.kind == "unpinned" and fact.reason == "pool":
             self.pool_unpins += 1
-        elif fact.kind == "destroyed":
+        elif fact.kind == "destroyed" and fact.type != ShadowType.FL1:
+            # an FL1 shadow (a splintered superpage) backs no guest table:
+            # sh_destroy_l1_shadow deletes its fl1 status without
+            # shadow_demote, so Xen's record has no demote flag for it
             self.destroys.add(fact.event)
 
     def destroying_emulates(self) -> int:
