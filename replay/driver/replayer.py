@@ -214,6 +214,9 @@ class Replayer(FastPath):
         #: The matched set last handed out, and the vCPU list it was for.
         self._ok_c: set[int | bytes] = set()
         self._ok_c_vcpus: list[Any] | None = None
+        #: Whether the last look-up handed out the sets of the one before,
+        #: none of their keys dropped since.
+        self._kept = False
 
     def add_tool(self, tool: EventTool) -> None:
         """Tell ``tool`` the events (see :mod:`replay.driver.tools`); once."""
