@@ -34,6 +34,21 @@ class FactHub:
         self.sinks.append(sink)
         self._routes.clear()
 
+    def wants_fact(self, kind: str) -> bool:
+        """Whether a sink takes facts of ``kind`` now: one that answers
+        ``wants_fact`` itself says, else its ``FACT_KINDS`` (none: all)
+        (:meth:`ShadowEngine.facts_wanted <replay.shadow.state.EngineState.facts_wanted>`)."""
+        for sink in self.sinks:
+            ask = getattr(sink, "wants_fact", None)
+            if ask is not None:
+                if ask(kind):
+                    return True
+            else:
+                kinds = getattr(sink, "FACT_KINDS", None)
+                if kinds is None or kind in kinds:
+                    return True
+        return False
+
     def __call__(self, fact: Fact) -> None:
         route = self._routes.get(fact.kind)
         if route is None:

@@ -251,6 +251,8 @@ class Replayer(FastPath):
         st.events += chunk.n
         if chunk.n == 0:
             return
+        # the fact sinks, as they are now, say which facts the engine makes
+        self.engine.facts_wanted()
         kind = chunk.kind
         is_access = kind <= _FETCH
         n_access = int(is_access.sum())
