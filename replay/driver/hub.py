@@ -12,7 +12,7 @@ from typing import Any
 
 from ..shadow.types import Fact
 from ..trace.reader import Chunk
-from .replayer import Replayer, ReplayStats
+from .replayer import Replayer, ReplayStats, fewer_collections
 from .tools import is_tool
 
 
@@ -96,17 +96,18 @@ def drive(
             o.start_replay(replayer)
     before = [o.before_chunk for o in obs if hasattr(o, "before_chunk")]
     after = [o.after_chunk for o in obs if hasattr(o, "after_chunk")]
-    it = iter(chunks)
-    cur = next(it, None)
-    while cur is not None:
-        nxt = next(it, None)
-        following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
-        for b in before:
-            b(cur)
-        replayer.feed(cur, following)
-        for a in after:
-            a(cur)
-        if on_chunk is not None:
-            on_chunk(cur)
-        cur = nxt
+    with fewer_collections():
+        it = iter(chunks)
+        cur = next(it, None)
+        while cur is not None:
+            nxt = next(it, None)
+            following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
+            for b in before:
+                b(cur)
+            replayer.feed(cur, following)
+            for a in after:
+                a(cur)
+            if on_chunk is not None:
+                on_chunk(cur)
+            cur = nxt
     return replayer.stats

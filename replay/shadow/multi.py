@@ -289,7 +289,11 @@ class Multi(EngineState):
                     mapped = (new & SH_ADDR) >> PAGE_SHIFT
                     if mapped in may_write:
                         self._oos_fixup_add(mapped, key, i)
-                    rw_maps.setdefault(mapped, set()).add((key, i))
+                    maps = rw_maps.get(mapped)
+                    if maps is None:
+                        rw_maps[mapped] = {(key, i)}
+                    else:
+                        maps.add((key, i))
                 entries[i] = new
                 if facts:
                     self._fact("propagated", frame, stype, i, new, g, "prefetch")
@@ -444,7 +448,11 @@ class Multi(EngineState):
             if s is not None:
                 s.discard((key, i))
         if new & (SH_P | SH_RW) == SH_P | SH_RW:
-            self.rw_maps.setdefault((new & SH_ADDR) >> PAGE_SHIFT, set()).add((key, i))
+            maps = self.rw_maps.get((new & SH_ADDR) >> PAGE_SHIFT)
+            if maps is None:
+                self.rw_maps[(new & SH_ADDR) >> PAGE_SHIFT] = {(key, i)}
+            else:
+                maps.add((key, i))
         if old & SH_P:
             self._leaf_changed(key, i)
         sh.entries[i] = new
