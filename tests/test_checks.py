@@ -606,3 +606,49 @@ def test_check_file_and_fact_hub(tmp_path: Path) -> None:
     hub.add(hubbed)  # ... and the caller adds it again: facts still count once
     Replayer(engine, tools=[hubbed]).run(read_all(tr.path)[1])
     assert brief(hubbed.finish()) == brief(direct.findings)
+
+
+@pytest.mark.parametrize("name", ["seed", "secretmem"])
+def test_propagated_facts_skipped_only_while_no_sink_takes_them(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no sink taking "propagated" facts (lifetimes, a checker with no
+    frame registered yet) the engine makes none; once a console spec
+    registers a frame it makes them again: the findings are those of a
+    replay that made every fact."""
+    from replay.analysis.golden import read_expectation, stored_options
+    from replay.analysis.lifetimes import ShadowLifetimes
+    from replay.driver.hub import FactHub
+    from replay.session import console_text, has_console_events
+    from replay.shadow.config import engine_config
+    from replay.trace.reader import TraceReader
+
+    traces = Path(__file__).resolve().parent.parent / "traces"
+    options, _ = read_expectation(traces / f"{name}.expected.json")
+    spec = f"console:{stored_options(options)['watch_console']}"
+    trace = traces / f"{name}.trace"
+
+    def run() -> tuple[list[Any], list[bool]]:
+        with TraceReader(trace) as reader:
+            hub = FactHub(ShadowLifetimes())
+            engine = ShadowEngine(engine_config(None, reader.header), on_fact=hub)
+            events = has_console_events(reader.header)
+            checker = Checker(engine, secure=[spec], console_events=events,
+                              console=None if events else console_text(trace))
+            seen: list[bool] = []
+            asked = ShadowEngine.facts_wanted
+
+            def note(self: ShadowEngine) -> None:
+                asked(self)
+                seen.append(self._props_on)
+
+            with monkeypatch.context() as m:
+                m.setattr(ShadowEngine, "facts_wanted", note)
+                Replayer(engine, tools=[checker]).run(reader)
+            return brief(checker.finish()), seen
+
+    skipped, seen = run()
+    # off at first, on once a frame is registered
+    assert False in seen and True in seen[seen.index(False) + 1:]
+    monkeypatch.setattr(ShadowEngine, "facts_wanted", lambda self: None)  # all made
+    every, _ = run()
+    assert every and skipped == every

@@ -22,7 +22,7 @@ from replay.trace import format as fmt
 from replay.trace.reader import read_all
 from replay.trace.writer import TraceWriter
 
-from .replays import REAL, Goldens, engine_state
+from .replays import REAL, TRACES, Goldens, engine_state
 from .test_guest import DATA, GuestTables, dm
 
 K = fmt.Kind
@@ -430,3 +430,33 @@ def test_access_path_is_the_allowed_path(tmp_path: Path) -> None:
                 allowed += 1
                 assert walked == eng.allowed_path(vcpu, va)
     assert allowed > 100 and eng.counters["shadow_fault"] > 0
+
+
+def test_collector_thresholds_raised_during_a_replay_only() -> None:
+    """Replayer.run and drive collect the young generation less often while
+    they replay, and put the thresholds back after (also on an error)."""
+    import gc
+
+    from replay.driver.hub import drive
+    from replay.driver.replayer import GC_YOUNG
+
+    before = gc.get_threshold()
+    seen: list[int] = []
+
+    class Probe:
+        def before_chunk(self, chunk: Any) -> None:
+            seen.append(gc.get_threshold()[0])
+
+    chunks = read_all(TRACES / "seed.trace")[1]
+    drive(Replayer(), chunks, [Probe()])
+    assert seen and set(seen) == {max(GC_YOUNG, before[0])}
+    assert gc.get_threshold() == before
+
+    def boom() -> Any:
+        seen.append(gc.get_threshold()[0])
+        yield from chunks[:1]
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        Replayer().run(boom())
+    assert seen[-1] == max(GC_YOUNG, before[0]) and gc.get_threshold() == before

@@ -23,8 +23,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from itertools import compress
-from operator import not_
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,7 +60,16 @@ def _not_in(known: set[Any], keys: list[Any], lo: int, hi: int) -> list[int]:
     part = keys[lo:hi]
     if known.issuperset(part):
         return []
-    return list(compress(range(lo, hi), map(not_, map(known.__contains__, part))))
+    # one pass of look-ups, then the misses found by list.index (in C)
+    find = list(map(known.__contains__, part)).index
+    out: list[int] = []
+    k = -1
+    try:
+        while True:
+            k = find(False, k + 1)
+            out.append(lo + k)
+    except ValueError:
+        return out
 
 
 #: Translation keys pack into one 64-bit number when the VA is canonical
@@ -118,6 +125,7 @@ class FastPath:
     _ok_a: set[int]
     _ok_c: set[int | bytes]
     _ok_c_vcpus: list[VCpu] | None
+    _kept: bool
 
     if TYPE_CHECKING:
         def _c7(self, index: int, vcpu: int, va: int, pa: int,
@@ -138,7 +146,13 @@ class FastPath:
         stale = self._stale
         if (not stale and guest.layout == self._matched_layout
                 and self._ok_c_vcpus is c7_vcpus):
+            self._kept = True
             return self._ok_a, self._ok_c  # nothing changed since the last look
+        # kept: the sets handed out last time are handed out again, with no
+        # key taken out of them (a caller's list of the keys they lack
+        # then still holds)
+        prev_a, prev_c = self._ok_a, self._ok_c
+        kept = self._ok_c_vcpus is c7_vcpus
         if stale:
             self._stale = False
             log = eng.leaf_log
@@ -148,18 +162,24 @@ class FastPath:
                 self._by_leaf_n = 0
                 self._allowed_gen = eng.restrict_gen
                 log.clear()
+                kept = False
             elif log:
                 by_leaf = self._by_leaf
                 for leaf in log:
                     for ok, key in by_leaf.pop(leaf, ()):
+                        if ok is prev_a:
+                            kept = False
                         ok.discard(key)
                 log.clear()
             token = eng.access_token()
             ok_a = self._allowed.get(token)
             if ok_a is None:
                 ok_a = self._allowed[token] = set()
+            if ok_a is not prev_a:
+                kept = False
             self._ok_a = ok_a
         layout = guest.layout
+        fresh = stale or not kept  # the CR3s may differ (or the vCPU list)
         if layout != self._matched_layout:
             changed = guest.layout_changes(self._matched_layout)
             walked = self._walked
@@ -167,15 +187,22 @@ class FastPath:
                 self._matched = {}
                 walked.clear()
                 self._walked_n = 0
+                kept, fresh = False, True
             elif walked:
                 for what in changed:
                     for matched, ck in walked.pop(what, ()):
+                        if matched is prev_c:
+                            kept = False
                         matched.discard(ck)
             self._matched_layout = layout
-        # the CR3s change only in engine calls (then _stale is set)
-        ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
-        self._ok_c, self._ok_c_vcpus = ok_c, c7_vcpus
-        return self._ok_a, ok_c
+        if fresh:
+            # the CR3s change only in engine calls (then _stale is set)
+            ok_c = self._matched.setdefault(tuple(v.cr3 for v in c7_vcpus), set())
+            if ok_c is not prev_c:
+                kept = False
+            self._ok_c, self._ok_c_vcpus = ok_c, c7_vcpus
+        self._kept = kept
+        return self._ok_a, self._ok_c
 
     def _rests_on(self, path: list[int], ok: set[int | bytes], key: int | bytes) -> None:
         """Note that matched key ``key`` of ``ok`` holds while the entries
@@ -416,10 +443,13 @@ class FastPath:
                             span(j, u)
                         j = u + 1
                         if not one(u, ok_a, ok_c):
-                            changed = True
-                            break
+                            ok_a, ok_c = self._tokens(c7_vcpus)
+                            if not self._kept:
+                                changed = True
+                                break
+                            # the same sets, none lost a key: the rest of
+                            # ``unknown`` still holds every key they lack
                     if changed:
-                        ok_a, ok_c = self._tokens(c7_vcpus)
                         win = 64
                     else:
                         if hi > j:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..shadow.types import Fact
 from ..trace.reader import Chunk
-from .replayer import Replayer, ReplayStats
+from .replayer import Replayer, ReplayStats, fewer_collections
 from .tools import is_tool
 
 
@@ -33,6 +33,21 @@ class FactHub:
     def add(self, sink: Callable[[Fact], None]) -> None:
         self.sinks.append(sink)
         self._routes.clear()
+
+    def wants_fact(self, kind: str) -> bool:
+        """Whether a sink takes facts of ``kind`` now: one that answers
+        ``wants_fact`` itself says, else its ``FACT_KINDS`` (none: all)
+        (:meth:`ShadowEngine.facts_wanted <replay.shadow.state.EngineState.facts_wanted>`)."""
+        for sink in self.sinks:
+            ask = getattr(sink, "wants_fact", None)
+            if ask is not None:
+                if ask(kind):
+                    return True
+            else:
+                kinds = getattr(sink, "FACT_KINDS", None)
+                if kinds is None or kind in kinds:
+                    return True
+        return False
 
     def __call__(self, fact: Fact) -> None:
         route = self._routes.get(fact.kind)
@@ -81,17 +96,18 @@ def drive(
             o.start_replay(replayer)
     before = [o.before_chunk for o in obs if hasattr(o, "before_chunk")]
     after = [o.after_chunk for o in obs if hasattr(o, "after_chunk")]
-    it = iter(chunks)
-    cur = next(it, None)
-    while cur is not None:
-        nxt = next(it, None)
-        following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
-        for b in before:
-            b(cur)
-        replayer.feed(cur, following)
-        for a in after:
-            a(cur)
-        if on_chunk is not None:
-            on_chunk(cur)
-        cur = nxt
+    with fewer_collections():
+        it = iter(chunks)
+        cur = next(it, None)
+        while cur is not None:
+            nxt = next(it, None)
+            following = int(nxt.kind[0]) if nxt is not None and nxt.n else None
+            for b in before:
+                b(cur)
+            replayer.feed(cur, following)
+            for a in after:
+                a(cur)
+            if on_chunk is not None:
+                on_chunk(cur)
+            cur = nxt
     return replayer.stats

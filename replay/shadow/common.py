@@ -165,7 +165,7 @@ class Common(EngineState):
                 self._leaf_changed(key, i)
                 sh.entries[i] = e & ~SH_RW
                 self.counters["shadow_writeable"] += 1
-                if self._facts_on:
+                if self._props_on:
                     self._fact("propagated", sh.frame, int(sh.type), i, e & ~SH_RW, -1,
                                "write-protect")
 

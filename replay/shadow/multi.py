@@ -266,8 +266,12 @@ class Multi(EngineState):
         guest = self.guest.entries(l1f) if real else None
         # a superpage's made-up l1es (_splinter of each page of it)
         base, flags = self._splinter_parts(gw.entries[2])
-        propagate, set_l1e, snap_update = self._propagate, self._set_l1e, self._oos_snap_update
+        propagate, snap_update = self._propagate, self._oos_snap_update
         prefetch = Fetch.PREFETCH
+        # shadow_set_l1e (_set_l1e) on an empty entry, inline: no old
+        # mapping to drop, nothing to log; an empty new one changes nothing
+        key, may_write, rw_maps = sl1.key, self.oos_may_write, self.rw_maps
+        facts, frame, stype = self._props_on, sl1.frame, int(sl1.type)
         n = 0
         for i in range(i1 + 1, i1 + dist):
             if entries[i] != 0:
@@ -280,11 +284,22 @@ class Multi(EngineState):
                 g = base + (i << PAGE_SHIFT) | flags
             target = (g & ADDR_MASK) >> PAGE_SHIFT if g & PTE_P else -1
             new = propagate(g, 1, target, prefetch)
-            set_l1e(sl1, i, new, g, "prefetch")
+            if new:
+                if new & (SH_P | SH_RW) == SH_P | SH_RW:
+                    mapped = (new & SH_ADDR) >> PAGE_SHIFT
+                    if mapped in may_write:
+                        self._oos_fixup_add(mapped, key, i)
+                    maps = rw_maps.get(mapped)
+                    if maps is None:
+                        rw_maps[mapped] = {(key, i)}
+                    else:
+                        maps.add((key, i))
+                entries[i] = new
+                if facts:
+                    self._fact("propagated", frame, stype, i, new, g, "prefetch")
+                n += 1
             if real:
                 snap_update(l1f, i, g)
-            if new:
-                n += 1
         self.counters["shadow_prefetch"] += n
 
     def _leaf_entry(self, vcpu: int, va: int) -> tuple[Key, int] | None:
@@ -433,11 +448,15 @@ class Multi(EngineState):
             if s is not None:
                 s.discard((key, i))
         if new & (SH_P | SH_RW) == SH_P | SH_RW:
-            self.rw_maps.setdefault((new & SH_ADDR) >> PAGE_SHIFT, set()).add((key, i))
+            maps = self.rw_maps.get((new & SH_ADDR) >> PAGE_SHIFT)
+            if maps is None:
+                self.rw_maps[(new & SH_ADDR) >> PAGE_SHIFT] = {(key, i)}
+            else:
+                maps.add((key, i))
         if old & SH_P:
             self._leaf_changed(key, i)
         sh.entries[i] = new
-        if self._facts_on:
+        if self._props_on:
             self._fact("propagated", sh.frame, int(sh.type), i, new, g, reason)
 
     def _set_upper(self, sh: Shadow, i: int, new: int, g: int, reason: str) -> None:
@@ -462,7 +481,7 @@ class Multi(EngineState):
         if old & SH_P:
             self._leaf_changed(key, i)
         sh.entries[i] = new
-        if self._facts_on:
+        if self._props_on:
             self._fact("propagated", sh.frame, level, i, new, g, reason)
         if old & SH_P:
             ochild = self._child_key(old, level)

@@ -107,6 +107,9 @@ class EngineState:
         self._event = -1
         self._vcpu = 0
         self._facts_on = self.config.record_facts or on_fact is not None
+        #: Whether "propagated" facts (most of them) are made: as
+        #: ``_facts_on`` until :meth:`facts_wanted` asks the sink.
+        self._props_on = self._facts_on
         if self.config.guest_kind == "xen-aware":
             self._boot_probe()
         #: What changed since a consumer last looked that may take a right
@@ -237,6 +240,17 @@ class EngineState:
             sh = shadows.get(self._child_key(e, level))
             level -= 1
         return None
+
+    def facts_wanted(self) -> None:
+        """Ask the fact sink again whether it takes "propagated" facts now
+        (its ``wants_fact(kind)``, if it has one: a
+        :class:`~replay.driver.hub.FactHub`, a checker with no frame
+        registered): if not, and the log is off, none is made. A sink whose
+        answer may change says so by calling this again."""
+        sink = self.on_fact
+        ask = getattr(sink, "wants_fact", None)
+        self._props_on = self._facts_on and (
+            self.config.record_facts or sink is None or ask is None or bool(ask("propagated")))
 
     def _fact(self, kind: str, frame: int, stype: int, index: int, value: int, guest: int,
               reason: str) -> None:

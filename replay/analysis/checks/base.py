@@ -56,6 +56,9 @@ class CheckerBase:
         self._cr3_log: dict[int, tuple[list[int], list[int]]] = {}
         self._facts: list[Fact] = []
         self._last_fact: Fact | None = None
+        #: Whether frames were registered when the engine last asked
+        #: which facts the checker takes (``wants_fact``).
+        self._took_facts = False
         self._hazards_seen = 0
         self._chained: Any = None
         self._finished = False

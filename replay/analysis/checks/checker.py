@@ -115,9 +115,16 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
             self._chained = sink
             eng.on_fact = self
         eng._facts_on = True  # facts must flow even with record_facts off
+        eng.facts_wanted()
         if self.policy:
             eng.refuse_leaf = self._refuse
         self._take_hazards()
+
+    def wants_fact(self, kind: str) -> bool:
+        """Fact sink: facts are kept only while a frame is registered (see
+        :meth:`__call__`), or all go on to a chained sink; on_event asks the
+        engine again when that changes (``ShadowEngine.facts_wanted``)."""
+        return bool(self.registry.frames) or self._chained is not None
 
     def __call__(self, fact: Fact) -> None:
         """Fact sink (``ShadowEngine.on_fact`` or a fact hub)."""
@@ -204,6 +211,10 @@ class Checker(HazardChecks, AccessChecks, ShadowChecks, GuestTableChecks):
                 self._evaluate([root], index, vcpu)
         if len(self._eng().hazards) > self._hazards_seen:
             self._take_hazards()
+        if bool(reg.frames) is not self._took_facts:
+            # frames came or went: the engine asks again which facts to make
+            self._took_facts = bool(reg.frames)
+            self._eng().facts_wanted()
 
     # ------------------------------------------------------------------ #
     # Registration                                                         #
