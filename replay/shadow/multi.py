@@ -448,9 +448,10 @@ class Multi(EngineState):
             if s is not None:
                 s.discard((key, i))
         if new & (SH_P | SH_RW) == SH_P | SH_RW:
-            maps = self.rw_maps.get((new & SH_ADDR) >> PAGE_SHIFT)
+            mapped = (new & SH_ADDR) >> PAGE_SHIFT
+            maps = self.rw_maps.get(mapped)
             if maps is None:
-                self.rw_maps[(new & SH_ADDR) >> PAGE_SHIFT] = {(key, i)}
+                self.rw_maps[mapped] = {(key, i)}
             else:
                 maps.add((key, i))
         if old & SH_P:

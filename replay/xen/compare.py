@@ -386,25 +386,25 @@ def model_side(trace: Path, *, watch_console: str | None = None,
                      (tally.start_event or 0, tally.stop_event or 0))
 
 
-def check_xen_dir(trace: Path, xen_dir: Path, watch_console: str | None) -> list[int]:
+def check_xen_dir(trace: Path, xen_dir: Path,
+                  watch_console: str | None) -> tuple[Path, list[int]]:
     """The checks of a Xen run that need no replay (its files, its vCPUs, the
-    watched VAs on its console, which it returns)."""
+    watched VAs on its console): its record table and those VAs."""
     table_path, xen_console = xen_files(xen_dir)
     check_vcpus(trace, table_path)
     if watch_console is None:
-        return []
+        return table_path, []
     try:
         xtext = xen_console.read_text(errors="replace")
     except OSError as err:
         raise UsageError(f"{xen_console}: cannot read: {err.strerror}") from None
-    return console_vas(xtext, watch_console, str(xen_console))
+    return table_path, console_vas(xtext, watch_console, str(xen_console))
 
 
 def against(model: ModelSide, xen_dir: Path) -> dict[str, Any]:
     """The comparison document of ``model`` and the Xen run in ``xen_dir``
     (schema in ``docs/compare.md``)."""
-    xen_vas = check_xen_dir(model.trace, xen_dir, model.watch_console)
-    table_path, _ = xen_files(xen_dir)
+    table_path, xen_vas = check_xen_dir(model.trace, xen_dir, model.watch_console)
     xen = read_parquet(table_path)
     rep, tally, window = model.rep, model.tally, model.window
     xen = rename_markers(xen, cpuid_markers(rep.stats.markers))
